@@ -95,3 +95,166 @@ def read_shard(path):
     if tokens.size != num_tokens:  # the file changed between the check and the read
         raise ValueError(f"{path}: expected {num_tokens} tokens, read {tokens.size}")
     return tokens.astype(np.uint16, copy=False)
+
+
+# ---- Documents ----
+
+def iter_hub_documents(dataset_name, dataset_config):
+    """Stream documents from the Hugging Face hub (needs a network; nothing is stored whole)."""
+    from datasets import load_dataset
+    dataset = load_dataset(dataset_name, name=dataset_config, split="train", streaming=True)
+    for row in dataset:
+        yield row["text"]
+
+
+def list_local_files(inputs):
+    """Expand files and directories into a sorted list of .txt/.jsonl files."""
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            if not found:
+                raise ValueError(f"{path}: directory contains no .txt or .jsonl files")
+            files.extend(found)
+        elif not path.exists():
+            raise ValueError(f"{path}: input file does not exist")
+        elif path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"{path}: unsupported input type '{path.suffix}' (use .txt or .jsonl files)")
+        else:
+            files.append(path)
+    return files
+
+
+def iter_local_documents(files):
+    """A .txt file is one document; a .jsonl file holds one {"text": ...} document per line."""
+    for path in files:
+        try:
+            if path.suffix == ".txt":
+                yield path.read_text(encoding="utf-8")
+                continue
+            with open(path, encoding="utf-8") as f:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"{path}:{line_number}: expected a JSON object with a string field "
+                                         f"\"text\", got {line.strip()[:80]!r}")
+                    yield record["text"]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# ---- Tokenisation ----
+
+_encoding = None
+
+
+def _load_encoding():
+    global _encoding
+    import tiktoken
+    _encoding = tiktoken.get_encoding("gpt2")
+
+
+def tokenize_document(text):
+    """One document -> uint16 tokens, starting with the end-of-text separator."""
+    if _encoding is None:
+        _load_encoding()
+    # GPT-2 ids are < 50257, so uint16 holds them; encode_ordinary treats "<|endoftext|>" in text as plain text.
+    return np.array([EOT_TOKEN] + _encoding.encode_ordinary(text), dtype=np.uint16)
+
+
+def shard_path(out_dir, index):
+    split = "val" if index == 0 else "train"
+    return Path(out_dir) / f"fineweb_{split}_{index:06d}.bin"
+
+
+def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_shards=None, workers=None,
+                       expected_tokens=None):
+    """Tokenise documents in parallel and write shard 0 (val, val_tokens) then train shards of shard_tokens.
+
+    Returns the list of written shard paths."""
+    if val_tokens < 1 or shard_tokens < 1:
+        raise ValueError(f"--val_tokens and --shard_tokens must be positive, got {val_tokens} and {shard_tokens}")
+    if max_train_shards is not None and max_train_shards < 1:
+        raise ValueError(f"--max_train_shards must be at least 1, got {max_train_shards}")
+    from multiprocessing import Pool
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    shard_index = 0
+    buffer = np.empty(val_tokens, dtype=np.uint16)
+    filled = 0
+    total_tokens = 0
+    done = False
+    workers = workers or os.cpu_count() or 1
+    with Pool(workers, initializer=_load_encoding) as pool, \
+            tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
+        for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+            progress.update(len(tokens))
+            total_tokens += len(tokens)
+            while len(tokens):
+                take = min(len(tokens), len(buffer) - filled)
+                buffer[filled:filled + take] = tokens[:take]
+                filled += take
+                tokens = tokens[take:]
+                if filled == len(buffer):
+                    written.append(shard_path(out_dir, shard_index))
+                    write_shard(written[-1], buffer)
+                    shard_index += 1
+                    if max_train_shards is not None and shard_index > max_train_shards:
+                        done = True
+                        break
+                    buffer = np.empty(shard_tokens, dtype=np.uint16)
+                    filled = 0
+            if done:
+                break
+    if not done and filled:
+        written.append(shard_path(out_dir, shard_index))
+        write_shard(written[-1], buffer[:filled])
+        shard_index += 1
+    if shard_index < 2:
+        raise ValueError(f"the input has only {total_tokens} tokens, not more than --val_tokens={val_tokens}, so no "
+                         f"training shard was written; give more text or lower --val_tokens")
+    return written
+
+
+# ---- Command line ----
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", default=None,
+                        help="local .txt/.jsonl files or directories (default: FineWeb from the HF hub)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "fineweb10B"),
+                        help="output directory (default: data/fineweb10B next to this script)")
+    parser.add_argument("--val_tokens", type=int, default=100_000_000, help="tokens in the val shard")
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per train shard")
+    parser.add_argument("--max_train_shards", type=int, default=None,
+                        help="stop after this many train shards (default: tokenise all input)")
+    parser.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
+    parser.add_argument("--hf_dataset", default="HuggingFaceFW/fineweb")
+    parser.add_argument("--hf_name", default="sample-10BT", help="dataset config on the hub")
+    args = parser.parse_args(argv)
+    try:
+        if args.input:
+            documents = iter_local_documents(list_local_files(args.input))
+        else:
+            documents = iter_hub_documents(args.hf_dataset, args.hf_name)
+        expected = None
+        if args.max_train_shards is not None:
+            expected = args.val_tokens + args.max_train_shards * args.shard_tokens
+        written = tokenize_to_shards(documents, args.out, args.val_tokens, args.shard_tokens,
+                                     args.max_train_shards, args.workers, expected)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {len(written)} shards to {args.out}: {written[0].name} ... {written[-1].name}")
+
+
+if __name__ == "__main__":
+    main()
