@@ -1,0 +1,113 @@
+"""data/multiplication.py: the paper's exact format, disjoint splits, --exclude, determinism, the line validator."""
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import multiplication as mult
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PAPER_FILES = sorted(glob.glob(str(REPO_ROOT.parent / "shared" / "icot" / "*" / "*.txt")))
+
+
+def operands_of(line: str) -> list[tuple[int, int]]:
+    """Operands read straight from the input part (independent of the module's parser)."""
+    problems = []
+    for problem in line.split("||")[0].split(" $ "):
+        a, b = problem.split(" * ")
+        problems.append((int(a.replace(" ", "")[::-1]), int(b.replace(" ", "")[::-1])))
+    return problems
+
+
+def generate(tmp_path, *args) -> dict[str, list[str]]:
+    out_dir = tmp_path / "out"
+    mult.main([*args, "--out-dir", str(out_dir)])
+    return {p.stem: p.read_text().splitlines() for p in out_dir.glob("*.txt")}
+
+
+def problems_in(lines: list[str]) -> set[tuple[int, int]]:
+    return {problem for line in lines for problem in operands_of(line)}
+
+
+def test_icot_md_examples():
+    assert mult.format_line([(3719, 3349)], 4, 4) == (
+        "9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 ( 1 3 9 7 9 2 1 ) "
+        "+ 0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1")
+    assert mult.format_line([(71, 31), (26, 36)], 2, 2) == (
+        "1 7 * 1 3 $ 6 2 * 6 3||1 7 0 + 0 3 1 2 $ 6 5 1 + 0 8 7 0 #### 1 0 2 2 $ 6 3 9 0")
+
+
+@pytest.mark.skipif(not PAPER_FILES, reason="the paper's files (../shared/icot) are not next to this checkout")
+def test_reproduces_every_paper_line():
+    assert len(PAPER_FILES) == 4
+    for path in PAPER_FILES:
+        lines = Path(path).read_text().splitlines()
+        assert len(lines) == 1000
+        for number, line in enumerate(lines, start=1):
+            n = len(line.split(" * ")[0].split(" "))
+            problems = operands_of(line)
+            assert all(a >= 10 ** (n - 1) and b >= 10 ** (n - 1) for a, b in problems)  # no leading zeros
+            assert mult.format_line(problems, n, n) == line, f"{path}:{number}"
+        assert len(mult.read_lines(path)) == 1000  # and the validator accepts them all
+
+
+def test_splits_disjoint_deterministic_and_sized(tmp_path):
+    args = ["--digits", "2x3", "--per-line", "2", "--splits", "train=3000,valid=200,test=200", "--seed", "7"]
+    first = generate(tmp_path / "a", *args)
+    assert first == generate(tmp_path / "b", *args)  # same seed, same files
+    assert first != generate(tmp_path / "c", *args[:-1], "8")
+    assert {name: len(lines) for name, lines in first.items()} == {"train": 3000, "valid": 200, "test": 200}
+    sets = {name: problems_in(lines) for name, lines in first.items()}
+    assert not sets["train"] & sets["valid"] and not sets["train"] & sets["test"] and not sets["valid"] & sets["test"]
+    for line in first["train"][:50]:
+        assert line.count(" $ ") == 3 and mult.parse_line(line)[1:] == (2, 3)
+
+
+def test_exclude_keeps_problems_out(tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    mult.main(["--digits", "1x1", "--count", "40", "--seed", "1", "--out", str(held_out)])
+    excluded = problems_in(held_out.read_text().splitlines())
+    assert len(excluded) > 20  # a large part of the 81 one-digit problems
+    lines = generate(tmp_path, "--digits", "1x1", "--splits", "train=2000", "--exclude", str(held_out))["train"]
+    assert not problems_in(lines) & excluded
+    assert len(problems_in(lines)) == 81 - len(excluded)  # and everything else is still reachable
+
+
+def test_leading_zeros_only_when_asked(tmp_path):
+    def leading_zero_share(*extra):
+        lines = generate(tmp_path / str(len(extra)), "--digits", "2x2", "--splits", "train=2000", *extra)["train"]
+        problems = [p for line in lines for p in operands_of(line)]
+        return sum(a < 10 or b < 10 for a, b in problems) / len(problems)
+    assert leading_zero_share() == 0
+    assert 0.1 < leading_zero_share("--leading-zeros") < 0.3  # 1 - 0.9^2 = 0.19 expected
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda line: line[:-1] + str((int(line[-1]) + 1) % 10), "answer"),
+    (lambda line: line.replace("+ 0", "+ 1", 1), "CoT"),  # p_1 always starts with a 0 (it is a multiple of 10)
+    (lambda line: line.replace("*", "x", 1), "not allowed"),
+    (lambda line: line.replace(" #### ", " ## ", 1), "####"),
+])
+def test_validator_rejects_corrupted_line_with_its_number(tmp_path, corrupt, message):
+    path = tmp_path / "data.txt"
+    mult.main(["--digits", "3x3", "--count", "5", "--out", str(path)])
+    lines = path.read_text().splitlines()
+    lines[2] = corrupt(lines[2])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=rf"data.txt:3: invalid line: .*{message}"):
+        mult.read_lines(str(path))
+
+
+def test_cli_writes_file_and_rejects_bad_arguments(tmp_path):
+    script = REPO_ROOT / "data" / "multiplication.py"
+    out = tmp_path / "x.txt"
+    run = subprocess.run([sys.executable, script, "--digits", "4x4", "--per-line", "1", "--count", "10", "--seed", "0",
+                          "--out", out], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(mult.read_lines(str(out))) == 10
+    bad = subprocess.run([sys.executable, script, "--digits", "4by4", "--count", "1", "--out", out],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "expected NxM" in bad.stderr
