@@ -1,0 +1,164 @@
+"""records/ttest.py: log parsing, statistics against scipy's own numbers and the seed record's README."""
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TTEST_PATH = REPO_ROOT / "records" / "ttest.py"
+_spec = importlib.util.spec_from_file_location("records_ttest", TTEST_PATH)
+ttest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ttest)
+
+# The 19 runs of the public record "Add additional input embedding" (seed 004) and its printed statistics.
+SEED_LOSSES = [2.919502, 2.91976, 2.920582, 2.919331, 2.919008, 2.919827, 2.918785, 2.918519, 2.919297, 2.920061,
+               2.918938, 2.919342, 2.918186, 2.920546, 2.91954, 2.919093, 2.918951, 2.919599, 2.919956]
+SEED_TIMES = [1414.299, 1412.033, 1411.668, 1421.735, 1411.998, 1411.094, 1412.637, 1410.047, 1410.509, 1412.048,
+              1411.574, 1415.299, 1411.649, 1412.94, 1412.508, 1410.912, 1415.296, 1410.778, 1407.511]
+SEED_P_VALUE = 0.00035946114919240566
+
+# The script text opens every log; an example line in it must not be read as a result.
+SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms step_avg:0.50ms\n"""\n' \
+              'print(f"step:{step}/{steps} val_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms")\n'
+
+
+def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125):
+    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run."""
+    last_step = steps if last_step is None else last_step
+    lines = [SCRIPT_TEXT, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
+             "Hyperparameters(num_iterations=5690)", f"step:0/{steps} val_loss:10.8258 train_time:0ms step_avg:nanms"]
+    for step in range(1, last_step + 1):
+        ms = round(train_time_ms * step / steps)
+        lines.append(f"step:{step}/{steps} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+        if step % val_every == 0 and step != steps:
+            lines.append(f"step:{step}/{steps} val_loss:3.5000 train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+    if last_step == steps and val_loss is not None:
+        lines.append(f"step:{steps}/{steps} val_loss:{val_loss} train_time:{train_time_ms}ms "
+                     f"step_avg:{train_time_ms / steps:.2f}ms")
+        lines.append("peak memory allocated: 54321 MiB reserved: 60000 MiB")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_main(capsys, *argv):
+    ttest.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def printed(out, key):
+    """The value printed after `key` (a dict key 'key': or a stats label Key:) in the first section that has it."""
+    return re.search(rf"(?:'{key}'|{key}): (\S+?),?\n", out)[1]
+
+
+@pytest.fixture
+def seed_logs(tmp_path):
+    for i, (loss, seconds) in enumerate(zip(SEED_LOSSES, SEED_TIMES)):
+        write_log(tmp_path / f"run{i:02d}.txt", loss, round(seconds * 1000), steps=20, val_every=5)
+    return tmp_path
+
+
+def test_reproduces_seed_record_statistics(seed_logs, capsys):
+    out = run_main(capsys, seed_logs)
+    loss_section, time_section = out.split("Run times in seconds:")
+    assert f"over 19 runs:\n{SEED_LOSSES}" in loss_section and f"\n{SEED_TIMES}\n" in time_section
+    expected_loss_stats = {"Mean": "2.9194117368421053", "Median": "2.919342", "Std": "0.000613243648848653",
+                           "Min": "2.918186", "Max": "2.920582"}
+    expected_time_stats = {"Mean": "1412.4492105263155", "Median": "1411.998", "Std": "2.8062021268488864",
+                           "Min": "1407.511", "Max": "1421.735"}
+    for key, value in expected_loss_stats.items():
+        assert f"  {key}: {value}\n" in loss_section
+    for key, value in expected_time_stats.items():
+        assert f"  {key}: {value}\n" in time_section
+    for key, value in {"n": "19", "sample_mean": "2.9194117368421053", "sample_std": "0.0006300479560324045",
+                       "t_stat": "-4.069816643193549", "alpha": "0.05",
+                       "upper_conf_bound_mean": "2.919662383449226", "threshold": "2.92"}.items():
+        assert f"    '{key}': {value},\n" in out or f"    '{key}': {value}\n" in out, key
+    assert "'decision': 'REJECT H0 (mean < threshold)'" in out
+    # scipy < 1.12 prints the seed's p bit for bit; newer scipy's t CDF differs in the 16th digit.
+    p_value = float(printed(out, "p_value"))
+    assert p_value == pytest.approx(SEED_P_VALUE, rel=1e-14)
+    assert p_value == float(stats.ttest_1samp(SEED_LOSSES, 2.92, alternative="less").pvalue)
+
+
+def test_generated_losses_match_scipy_and_textbook_formulas(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    losses = [round(x, 6) for x in rng.normal(2.9203, 0.0008, size=7)]
+    for i, loss in enumerate(losses):
+        write_log(tmp_path / f"r{i}.txt", loss, 1000 + i, steps=4, val_every=2)
+    out = run_main(capsys, tmp_path, "--threshold", "2.921", "--alpha", "0.1")
+    n, mean, sample_std = len(losses), np.mean(losses), np.std(losses, ddof=1)
+    scipy_result = stats.ttest_1samp(losses, 2.921, alternative="less")
+    t_stat = (mean - 2.921) / (sample_std / math.sqrt(n))
+    assert float(printed(out, "t_stat")) == pytest.approx(t_stat, rel=1e-12)
+    assert float(printed(out, "t_stat")) == float(scipy_result.statistic)
+    assert float(printed(out, "p_value")) == float(scipy_result.pvalue)
+    assert float(printed(out, "p_value")) == pytest.approx(stats.t.cdf(t_stat, n - 1), rel=1e-10)
+    bound = mean + stats.t.ppf(0.9, n - 1) * sample_std / math.sqrt(n)
+    assert float(printed(out, "upper_conf_bound_mean")) == pytest.approx(bound, rel=1e-14)
+    assert printed(out, "alpha") == "0.1" and printed(out, "threshold") == "2.921"
+    decision = "REJECT H0 (mean < threshold)" if scipy_result.pvalue < 0.1 else "FAIL TO REJECT H0"
+    assert f"'decision': '{decision}'" in out
+    assert f"{[(1000 + i) / 1000 for i in range(7)]}" in out
+
+
+def test_mean_above_threshold_is_not_rejected():
+    result = ttest.one_sided_ttest([2.93, 2.925, 2.931], threshold=2.92, alpha=0.05)
+    assert result["decision"] == "FAIL TO REJECT H0" and result["p_value"] > 0.5
+    assert result["upper_conf_bound_mean"] > 2.93
+
+
+def test_unfinished_log_is_skipped_not_counted(tmp_path, capsys):
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"done{i}.txt", loss, 2000, steps=300)
+    write_log(tmp_path / "crashed.txt", steps=300, last_step=260)
+    out = run_main(capsys, tmp_path)
+    assert re.search(r"skipped \S*crashed.txt: no evaluation at step T/T: unfinished run, "
+                     r"last evaluation at step 250/300", out)
+    assert "over 2 runs:\n[2.918, 2.919]" in out and "'n': 2," in out
+    (tmp_path / "done1.txt").unlink()
+    with pytest.raises(SystemExit, match="at least 2 finished runs, got 1 \\(1 skipped\\)"):
+        ttest.main([str(tmp_path)])
+
+
+def test_public_speedrun_line_format(tmp_path):
+    log = tmp_path / "public.txt"
+    log.write_text(SCRIPT_TEXT + "=" * 100 + "\nRunning Python 3.12.7\nRunning PyTorch 2.7.0\n" + "=" * 100 + "\n"
+                   "step:0/5690 val_loss:10.8258 train_time:0ms step_avg:0.03ms\n"
+                   "step:1/5690 train_time:612ms step_avg:612.44ms\n"
+                   "step:5689/5690 train_time:1414051ms step_avg:248.56ms\n"
+                   "step:5690/5690 train_time:1414299ms step_avg:248.56ms\n"
+                   "step:5690/5690 val_loss:2.9195 train_time:1414299ms step_avg:248.56ms\n"
+                   "peak memory allocated: 55380 MiB reserved: 74064 MiB\n")
+    assert ttest.final_evaluation(log) == (2.9195, 1414.299)
+    (tmp_path / "no_evals.txt").write_text(SCRIPT_TEXT + "=" * 100 + "\nstep:1/3 train_time:5ms step_avg:5.00ms\n")
+    assert "no evaluation line" in ttest.final_evaluation(tmp_path / "no_evals.txt")
+
+
+def test_diverged_run_is_an_error_not_dropped(tmp_path):
+    write_log(tmp_path / "nan.txt", "nan", 1000, steps=4)
+    write_log(tmp_path / "ok.txt", 2.91, 1000, steps=4)
+    with pytest.raises(SystemExit, match="nan.txt: final val_loss is nan"):
+        ttest.main([str(tmp_path)])
+
+
+def test_command_line_with_directory_and_file_arguments(tmp_path):
+    runs = tmp_path / "records" / "attempt"
+    runs.mkdir(parents=True)
+    for i, loss in enumerate([2.9181, 2.9179, 2.9190]):
+        write_log(runs / f"{i}.txt", loss, 1_400_000 + i, steps=5, val_every=2)
+    (runs / "README.md").write_text("step:5/5 val_loss:9.9 train_time:1ms step_avg:0.20ms\n")  # not a *.txt log
+    result = subprocess.run([sys.executable, str(TTEST_PATH), str(runs), str(runs / "0.txt")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "over 3 runs:\n[2.9181, 2.9179, 2.919]" in result.stdout  # 0.txt given twice is counted once
+    assert "\n[1400.0, 1400.001, 1400.002]\n" in result.stdout
+    missing = subprocess.run([sys.executable, str(TTEST_PATH), str(tmp_path / "nope")], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode != 0 and "nope does not exist" in missing.stderr
