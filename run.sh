@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Launch a training script on every GPU of this node (or of several nodes) with torchrun.
+#
+#   ./run.sh [SCRIPT.py] [ARGS...]      SCRIPT defaults to train_gpt.py; ARGS go to the script
+#   ./run.sh records/<track>/<attempt>/train_gpt.py
+#
+# Environment:
+#   NPROC=N                  processes (GPUs) per node; default: the GPUs nvidia-smi lists that
+#                            CUDA_VISIBLE_DEVICES leaves visible
+#   NNODES, NODE_RANK, MASTER_ADDR[, MASTER_PORT=29500]
+#                            multi-node: run the same command on every node with its own NODE_RANK
+#   FINEWEB_TRAIN_SHARDS=30  FineWeb train shards fetched for train_gpt.py (100M tokens each)
+#   PYTHON=python3           the interpreter to use
+#   RUN_SH_DRY_RUN=1         print the set-up and launch commands instead of running them
+#
+# Set-up on a fresh node: installs requirements.txt when torch/numpy/tiktoken/triton do not import,
+# and for scripts named train_gpt.py downloads the FineWeb shards that are missing. The script runs
+# with the repository root (the directory of this file) as working directory, so data/ and logs/
+# are the repository's wherever the script was copied to.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+DRY_RUN="${RUN_SH_DRY_RUN:-0}"
+
+die() {
+    echo "run.sh: error: $*" >&2
+    exit 1
+}
+
+is_positive_int() {
+    [[ "$1" =~ ^[1-9][0-9]*$ ]]
+}
+
+# Run a set-up command, or only show it in a dry run.
+run_step() {
+    if [[ "$DRY_RUN" == 1 ]]; then
+        echo "+ $*"
+    else
+        "$@"
+    fi
+}
+
+# ---- GPUs ----
+# PHYSICAL_GPUS: what nvidia-smi -L lists; VISIBLE_GPUS: what CUDA_VISIBLE_DEVICES leaves of them.
+PHYSICAL_GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    PHYSICAL_GPUS="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+fi
+VISIBLE_GPUS=$PHYSICAL_GPUS
+if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    # CUDA stops at the first -1 entry; an empty value hides every GPU.
+    listed=0
+    IFS=',' read -r -a entries <<< "$CUDA_VISIBLE_DEVICES"
+    for entry in "${entries[@]+"${entries[@]}"}"; do
+        entry="${entry// /}"
+        [[ -z "$entry" || "$entry" == -* ]] && break
+        listed=$((listed + 1))
+    done
+    if (( listed < VISIBLE_GPUS )); then VISIBLE_GPUS=$listed; fi
+fi
+
+if [[ -n "${NPROC+set}" ]] && ! is_positive_int "$NPROC"; then
+    die "NPROC must be a positive integer (processes = GPUs per node), got '$NPROC'"
+fi
+if [[ "$VISIBLE_GPUS" == 0 ]]; then
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        reason="nvidia-smi is not installed"
+    elif [[ "$PHYSICAL_GPUS" == 0 ]]; then
+        reason="nvidia-smi -L lists none"
+    else
+        reason="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' hides the $PHYSICAL_GPUS GPU(s) nvidia-smi lists"
+    fi
+    cat >&2 <<EOF
+run.sh: error: no NVIDIA GPU is visible ($reason).
+run.sh launches the multi-GPU training runs (the GPT-2 Medium record runs on 8x H100).
+Without a GPU, run the CPU smoke configurations of the same code instead:
+  python train_gpt.py --preset tiny
+  python train_icot.py all --preset tiny
+  python oocl.py --preset tiny
+EOF
+    exit 1
+fi
+NPROC="${NPROC:-$VISIBLE_GPUS}"
+if (( NPROC > VISIBLE_GPUS )); then
+    die "NPROC=$NPROC but only $VISIBLE_GPUS GPU(s) are visible on this node; lower NPROC"
+fi
+
+# ---- Script and arguments ----
+SCRIPT="train_gpt.py"
+if [[ $# -gt 0 && "$1" == *.py ]]; then
+    SCRIPT="$1"
+    shift
+fi
+# A path relative to the current directory first, then to the repository root.
+if [[ -f "$SCRIPT" ]]; then
+    SCRIPT_PATH="$(cd "$(dirname "$SCRIPT")" && pwd)/$(basename "$SCRIPT")"
+elif [[ "$SCRIPT" != /* && -f "$REPO_ROOT/$SCRIPT" ]]; then
+    SCRIPT_PATH="$REPO_ROOT/$SCRIPT"
+else
+    die "training script '$SCRIPT' not found (looked in $PWD and $REPO_ROOT)"
+fi
+
+# ---- Rendezvous: one node, or several ----
+if [[ -n "${NNODES:-}${NODE_RANK:-}${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
+    [[ -n "${NNODES:-}" && -n "${NODE_RANK:-}" && -n "${MASTER_ADDR:-}" ]] \
+        || die "multi-node runs need NNODES, NODE_RANK and MASTER_ADDR all set (MASTER_PORT defaults to 29500); got NNODES='${NNODES:-}' NODE_RANK='${NODE_RANK:-}' MASTER_ADDR='${MASTER_ADDR:-}'"
+    is_positive_int "$NNODES" || die "NNODES must be a positive integer, got '$NNODES'"
+    [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
+        || die "NODE_RANK must be an integer in [0, NNODES=$NNODES), got '$NODE_RANK'"
+    MASTER_PORT="${MASTER_PORT:-29500}"
+    [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "MASTER_PORT must be a port number, got '$MASTER_PORT'"
+    RENDEZVOUS=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+else
+    RENDEZVOUS=(--standalone)
+fi
+
+# ---- Set-up of a fresh node ----
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ $PYTHON -m pip install -r $REPO_ROOT/requirements.txt  (only if: $PYTHON -c 'import torch, numpy, tiktoken, triton' fails)"
+elif ! "$PYTHON" -c "import torch, numpy, tiktoken, triton" >/dev/null 2>&1; then
+    echo "run.sh: installing $REPO_ROOT/requirements.txt (torch, numpy, tiktoken or triton is missing)"
+    "$PYTHON" -m pip install -r "$REPO_ROOT/requirements.txt" || die "pip install -r requirements.txt failed (see above)"
+    "$PYTHON" -c "import torch, numpy, tiktoken, triton" \
+        || die "torch, numpy, tiktoken and triton still do not import after installing requirements.txt"
+fi
+if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]]; then
+    FINEWEB_TRAIN_SHARDS="${FINEWEB_TRAIN_SHARDS:-30}"
+    [[ "$FINEWEB_TRAIN_SHARDS" =~ ^[0-9]+$ ]] \
+        || die "FINEWEB_TRAIN_SHARDS must be a number of shards, got '$FINEWEB_TRAIN_SHARDS'"
+    run_step "$PYTHON" "$REPO_ROOT/data/cached_fineweb10B.py" "$FINEWEB_TRAIN_SHARDS"
+fi
+
+# ---- Launch ----
+if command -v torchrun >/dev/null 2>&1; then
+    LAUNCHER=(torchrun)
+else
+    LAUNCHER=("$PYTHON" -m torch.distributed.run)
+fi
+COMMAND=("${LAUNCHER[@]}" "${RENDEZVOUS[@]}" --nproc_per_node="$NPROC" "$SCRIPT_PATH" "$@")
+cd "$REPO_ROOT"
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "(cd $REPO_ROOT)"
+    printf '%q ' "${COMMAND[@]}"
+    echo
+    exit 0
+fi
+exec "${COMMAND[@]}"
