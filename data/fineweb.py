@@ -187,6 +187,10 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Shards left from another run would silently mix two datasets.
+    existing = sorted(p.name for p in out_dir.glob("fineweb_*.bin"))
+    if existing:
+        raise ValueError(f"{out_dir} already holds shards ({existing[0]} ...); remove them or choose another --out")
     written = []
     shard_index = 0
     buffer = np.empty(val_tokens, dtype=np.uint16)

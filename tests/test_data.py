@@ -119,6 +119,32 @@ def test_max_train_shards_stops_early(tmp_path):
     assert all(len(read_shard(p)) == 10 for p in written)
 
 
+def test_refuses_to_mix_with_existing_shards(tmp_path):
+    from data.fineweb import tokenize_to_shards
+    write_shard(tmp_path / "fineweb_train_000007.bin", [1, 2])
+    with pytest.raises(ValueError, match="already holds shards \\(fineweb_train_000007.bin"):
+        tokenize_to_shards(DOCUMENTS, tmp_path, val_tokens=10, shard_tokens=10, workers=1)
+
+
+def test_hub_input_streams_fineweb_sample_10bt(tmp_path, monkeypatch):
+    """The default input (no network here): the documents of a streamed FineWeb sample-10BT."""
+    import sys
+    import types
+    from data.fineweb import EOT_TOKEN, main
+    calls = []
+
+    def load_dataset(path, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": text, "id": str(i)} for i, text in enumerate(DOCUMENTS)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    main(["--out", str(tmp_path), "--val_tokens", "5", "--shard_tokens", "1000", "--workers", "1"])
+    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", "train", True)]
+    stream = np.concatenate([read_shard(tmp_path / "fineweb_val_000000.bin"),
+                             read_shard(tmp_path / "fineweb_train_000001.bin")])
+    assert (stream == EOT_TOKEN).sum() == len(DOCUMENTS)
+
+
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     from data.fineweb import main
     path = tmp_path / "bad.jsonl"
