@@ -24,7 +24,6 @@ shorter). A document can straddle two shards, as in the public set.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,8 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{path}: tokens must be integers, got dtype {tokens.dtype}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"{path}: token values must lie in [0, 65536) to fit uint16, "
                          f"got range [{tokens.min()}, {tokens.max()}]")
@@ -140,7 +141,8 @@ def iter_local_documents(files):
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                        raise ValueError(f"{path}:{line_number}: malformed JSON "
+                                         f"({e.msg} at column {e.colno})") from None
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                         raise ValueError(f"{path}:{line_number}: expected a JSON object with a string field "
                                          f"\"text\", got {line.strip()[:80]!r}")

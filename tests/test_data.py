@@ -37,6 +37,8 @@ def test_empty_shard_round_trip(tmp_path):
 def test_write_rejects_tokens_outside_uint16(tmp_path):
     with pytest.raises(ValueError, match="65536"):
         write_shard(tmp_path / "bad.bin", [1, 70000])
+    with pytest.raises(ValueError, match="must be integers"):
+        write_shard(tmp_path / "bad.bin", [1.5, 2.0])
     with pytest.raises(ValueError, match="1-D"):
         write_shard(tmp_path / "bad.bin", [[1, 2]])
 
