@@ -92,10 +92,11 @@ class Hyperparameters:
 
 PRESETS = {
     "full": {},
-    # CPU smoke configuration: the same code with a small model; still reads real GPT-2 token shards.
+    # CPU smoke configuration: the same code with a small model; still reads real GPT-2 token shards, and keeps
+    # FlexAttention's 128-token blocks so it also runs on a GPU.
     "tiny": dict(
         num_layers=6, model_dim=64, num_heads=2, head_dim=32, mlp_hidden=256, num_value_embeds=2,
-        micro_batch_tokens=256, micro_batches_per_step=2, attn_block_size=32, max_window_tokens=192,
+        micro_batch_tokens=512, micro_batches_per_step=2, attn_block_size=128, max_window_tokens=384,
         val_tokens=2048, num_iterations=20, val_every=10, warmup_steps=2, ce_chunk_rows=128,
         muon_momentum_warmup_steps=10, seed=1234, run_name="gpt_tiny",
     ),
@@ -649,7 +650,7 @@ class GradientReducer:
         return self.grads
 
 
-def split_master(master, low_bits):
+def split_master(master):
     """fp32 master -> (bf16 high half as int16 bits, low half)."""
     bits = master.view(torch.int32)
     return (bits >> 16).to(torch.int16), bits.to(torch.int16)  # int32 -> int16 keeps the low 16 bits
@@ -708,7 +709,7 @@ class Muon:
         master = join_master(p.data, state["low_bits"])
         master.mul_(1 - lr * self.weight_decay * getattr(p, "wd_mul", 1.0))
         master.add_(update.float(), alpha=-lr_eff)
-        high, low = split_master(master, state["low_bits"])
+        high, low = split_master(master)
         p.data.view(torch.int16).copy_(high)
         state["low_bits"].copy_(low)
 
@@ -933,7 +934,7 @@ def main(argv):
     log("=" * 100)
 
     if args.seed < 0:  # a fresh seed per run, shared by all ranks
-        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64)
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)
         if world_size > 1:
             dist.broadcast(seed, 0)
         args.seed = int(seed)
@@ -963,7 +964,8 @@ def main(argv):
     global FLEX_ATTENTION
     if use_cuda:
         if compile_model:
-            torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning
+            import torch._inductor.config as inductor_config
+            inductor_config.coordinate_descent_tuning = args.coordinate_descent_tuning
         else:  # eager FlexAttention would materialise the full score matrix
             FLEX_ATTENTION = torch.compile(flex_attention, dynamic=False)
     run_model = torch.compile(model, dynamic=False) if compile_model else model

@@ -32,7 +32,7 @@ def synthetic_tokens(num_tokens, seed):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_data")
-    step_tokens = 256 * 2
+    step_tokens = 512 * 2
     write_shard(root / "tiny_train_000001.bin", synthetic_tokens(STEPS * step_tokens + 1, seed=1))
     write_shard(root / "tiny_val_000000.bin", synthetic_tokens(2048 + 1, seed=2))
     return root
@@ -217,6 +217,7 @@ def test_block_masks_equal_dense_reference(seed):
         assert torch.equal(tg.block_mask_to_dense(short_mask, seq_len), dense_reference_mask(docs, block, max(window // 2, 1)))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_with_block_mask_matches_dense_attention():
     generator = torch.Generator().manual_seed(0)
     block, seq_len, eos = 32, 256, 5
@@ -227,6 +228,31 @@ def test_flex_attention_with_block_mask_matches_dense_attention():
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=dense_reference_mask((inputs == eos).cumsum(0), block, 3), scale=0.12)
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flex_attention_matches_dense_attention_on_gpu():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    seq_len, eos = 4096, 50256
+    inputs = torch.randint(0, 50257, (seq_len,), device="cuda", generator=generator)
+    inputs[torch.rand(seq_len, device="cuda", generator=generator) < 0.002] = eos
+    long_mask, short_mask = tg.make_block_masks(inputs, eos, 128, torch.tensor(8, dtype=torch.int32, device="cuda"))
+    q, k, v = torch.randn(3, 1, 8, seq_len, 128, device="cuda", generator=generator).bfloat16()
+    docs = (inputs == eos).cumsum(0)
+    for mask, window in [(long_mask, 8), (short_mask, 4)]:
+        flex = torch.compile(tg.flex_attention, dynamic=False)(q, k, v, block_mask=mask, scale=0.12)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=dense_reference_mask(docs, 128, window), scale=0.12)
+        torch.testing.assert_close(flex.float(), dense, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_preset_compiled_on_gpu(tiny_data, tmp_path):
+    run_script(tiny_args(tiny_data), tmp_path)
+    log_text = read_log(tmp_path)
+    assert "CUDA none" not in log_text and "peak memory allocated:" in log_text
+    losses = val_losses(log_text)
+    assert losses[-1][1] < losses[0][1] - 0.1
 
 
 # ---- Kernel references ----
@@ -301,7 +327,7 @@ def test_xxt_reference_is_x_times_x_transposed():
 def test_master_weight_halves_roundtrip_and_keep_small_updates():
     master = torch.randn(1000) * 10
     weight = master.bfloat16()
-    high, low = tg.split_master(master, None)
+    high, low = tg.split_master(master)
     weight.view(torch.int16).copy_(high)
     assert torch.equal(tg.join_master(weight, low), master)  # exact fp32 master from the two halves
     assert (weight.float() - master).abs().max() <= master.abs().max() * 2 ** -7  # bf16 part is a truncation
