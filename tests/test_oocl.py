@@ -142,7 +142,7 @@ def test_batched_sweep_matches_single_runs(tmp_path):
     """Four runs with different splits, weights and seeds trained together end where each ends alone."""
     steps = ["--steps", "40", "--eval_every", "40"]
     sweep = tiny_args(tmp_path, "--holdout1", "0.3", "0.6", "--holdout2", "0.5", "--k", "1", "0", "0", "1", "1", "1",
-                      "--seeds", "0", "1", *steps, mode="sweep")
+                      "--seeds", "0", "1", "--max_runs_per_batch", "3", *steps, mode="sweep")
     specs = oocl.grid(sweep)
     assert len(specs) == 8
     batched = oocl.train_runs(sweep, specs)
@@ -165,3 +165,40 @@ def test_sweep_writes_table_csv_and_heatmap(tmp_path):
     assert (out / "heatmap.png").stat().st_size > 1000
     assert len((out / "runs.csv").read_text().splitlines()) == 1 + 8
     assert table.count("| 0.3 | 0.6 | 1 0 0 |") == 1 and (out / "table.md").read_text().startswith("Final")
+
+
+# ---- Model ----
+
+
+def reference_forward(params, tokens, num_layers, num_heads):
+    """The same network written plainly (every block on every position, causal SDPA, run by run)."""
+    outputs = []
+    for r in range(tokens.size(0)):
+        w = {name: t[r] for name, t in params.items()}
+        x00, x01 = oocl.norm(w["embed00"][tokens[r]]), oocl.norm(w["embed01"][tokens[r]])  # [N, T, d]
+        x = x00
+        for layer in range(num_layers):
+            l0, l1, l2 = w["lambdas"][layer]
+            x = l0 * x + l1 * x00 + l2 * x01
+            q, k, v = oocl.norm((x @ w[f"qkv{layer}"]).unflatten(-1, (3 * num_heads, -1)).transpose(1, 2)).chunk(3, 1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.12)
+            x = x + y.transpose(1, 2).flatten(-2) @ w[f"attn_out{layer}"]
+            x = x + torch.relu(oocl.norm(x) @ w[f"mlp_in{layer}"]).square() @ w[f"mlp_out{layer}"]
+        outputs.append(oocl.norm(x[:, -1]) @ w["head"])
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_forward_matches_plain_reference(tiny, num_layers):
+    """`forward` computes block 0 per vocabulary entry and the last block on one position; the result must
+    equal the plain per-position network."""
+    args = oocl.dataclasses.replace(tiny, num_layers=num_layers)
+    generator = torch.Generator().manual_seed(0)
+    params = oocl.stack_params([oocl.init_params(args, seed, torch.device("cpu")) for seed in (0, 1)])
+    with torch.no_grad():
+        for t in params.values():  # non-trivial mixing scalars and output layers
+            t.add_(0.3 * torch.randn(t.shape, generator=generator))
+    tokens = oocl.build_sequences(args.p)[0][:, :3]
+    tokens = torch.stack([tokens[:50], tokens[-50:]])
+    expected = reference_forward(params, tokens, num_layers, args.num_heads)
+    torch.testing.assert_close(oocl.forward(params, tokens, num_layers, args.num_heads), expected, atol=1e-5, rtol=1e-4)
