@@ -435,10 +435,9 @@ def block_mask_to_dense(block_mask, seq_len):
 
     def blocks(counts, indices):
         counts, indices = counts[0, 0], indices[0, 0]
-        dense = torch.zeros(indices.size(0), indices.size(1), dtype=torch.bool, device=device)
         valid = torch.arange(indices.size(1), device=device)[None, :] < counts[:, None]
-        rows = torch.arange(indices.size(0), device=device)[:, None].expand_as(indices)
-        dense[rows[valid], indices[valid].long()] = True
+        hits = torch.zeros(indices.shape, dtype=torch.int32, device=device).scatter_add_(1, indices.long(), valid.int())
+        dense = hits > 0  # scatter, not boolean indexing: no data-dependent shapes (torch.compile friendly)
         return dense.repeat_interleave(q_block, 0).repeat_interleave(kv_block, 1)[:seq_len, :seq_len]
 
     positions = torch.arange(seq_len, device=device)
