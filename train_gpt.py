@@ -781,12 +781,15 @@ def shard_token_count(path):
     return count
 
 
-def load_shard(path, vocab_size):
+def load_shard(path):
     count = shard_token_count(path)
-    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(count,))
-    if count and int(tokens.max()) >= vocab_size:
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(count,))
+
+
+def check_token_range(tokens, vocab_size, path):
+    """Checked per batch (microseconds) rather than per shard, so opening a shard costs no full read."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
         raise SystemExit(f"{path}: token id {int(tokens.max())} is >= vocab_size={vocab_size}")
-    return tokens
 
 
 def find_shards(pattern, kind):
@@ -827,11 +830,12 @@ def train_batches(files, args, rank, world_size, device):
     per_rank = args.micro_batches_per_step // world_size
     step_tokens = seq_len * args.micro_batches_per_step
     for path in files:
-        tokens = load_shard(path, args.vocab_size)
+        tokens = load_shard(path)
         for pos in range(0, steps_in_shard(len(tokens), step_tokens) * step_tokens, step_tokens):
             for micro in range(per_rank):
                 start = pos + (rank * per_rank + micro) * seq_len
                 chunk = tokens[start:start + seq_len + 1]
+                check_token_range(chunk, args.vocab_size, path)
                 yield to_device(chunk[:-1], device, torch.int32), to_device(chunk[1:], device, torch.int64)
 
 
@@ -841,8 +845,8 @@ def load_val_tokens(files, args):
     for path in files:
         if have > args.val_tokens:
             break
-        tokens = load_shard(path, args.vocab_size)
-        parts.append(np.asarray(tokens[:args.val_tokens + 1 - have]))
+        parts.append(np.asarray(load_shard(path)[:args.val_tokens + 1 - have]))
+        check_token_range(parts[-1], args.vocab_size, path)
         have += len(parts[-1])
     if have < args.val_tokens + 1:
         raise SystemExit(f"the val shards {files} hold {have} tokens but val_tokens={args.val_tokens} needs "

@@ -438,5 +438,24 @@ def test_too_few_tokens_are_errors(tiny_data):
     with pytest.raises(SystemExit, match=r"hold 8 steps .* `python data/cached_fineweb10B.py 1`"):
         tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
     args.vocab_size = 512
-    with pytest.raises(SystemExit, match="token id 1023 is >= vocab_size=512"):
-        tg.load_shard(str(tiny_data / "tiny_val_000000.bin"), args.vocab_size)
+    with pytest.raises(SystemExit, match="tiny_val_000000.bin: token id 1023 is >= vocab_size=512"):
+        tg.load_val_tokens([str(tiny_data / "tiny_val_000000.bin")], tg.parse_args(tiny_args(tiny_data, "--vocab_size=512")))
+    with pytest.raises(SystemExit, match="tiny_train_000001.bin: token id 1023 is >= vocab_size=512"):
+        next(tg.train_batches([str(tiny_data / "tiny_train_000001.bin")], args, 0, 1, torch.device("cpu")))
+
+
+def test_train_batches_split_each_step_between_ranks(tiny_data):
+    """Rank r of W takes micro-batches r*A .. r*A+A-1 of every step: together the ranks read what 1 process reads."""
+    args = tg.parse_args(tiny_args(tiny_data))
+    files = [str(tiny_data / "tiny_train_000001.bin")]
+    single = list(tg.train_batches(files, args, 0, 1, torch.device("cpu")))
+    ranks = [list(tg.train_batches(files, args, rank, 2, torch.device("cpu"))) for rank in (0, 1)]
+    assert len(single) == 2 * STEPS and len(ranks[0]) == len(ranks[1]) == STEPS
+    tokens = tg.load_shard(files[0])
+    for step in range(STEPS):
+        for micro, (inputs, targets) in enumerate(single[2 * step:2 * step + 2]):
+            other_inputs, other_targets = ranks[micro][step]
+            assert torch.equal(inputs, other_inputs) and torch.equal(targets, other_targets)
+            start = step * 1024 + micro * 512
+            assert torch.equal(inputs, torch.from_numpy(tokens[start:start + 512].astype(np.int32)))
+            assert torch.equal(targets, torch.from_numpy(tokens[start + 1:start + 513].astype(np.int64)))
