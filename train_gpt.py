@@ -930,7 +930,8 @@ def main(argv):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     is_master = rank == 0
     log = Logger(args, is_master)
-    log(open(__file__).read(), console=False)
+    with open(__file__) as script:
+        log(script.read(), console=False)
     log("=" * 100, console=False)
     log(f"Python {platform.python_version()}\nPyTorch {torch.__version__}\nCUDA {torch.version.cuda or 'none'}")
     log(gpu_list())
@@ -1032,6 +1033,10 @@ def main(argv):
         mfu = f"{100 * total_flops / (seconds * peak * world_size):.2f}%" if peak and seconds > 0 else "n/a"
         return f"tokens_per_s:{tokens_per_s:.0f} ms_per_step:{training_time_ms / max(steps_done, 1):.2f} mfu:{mfu}"
 
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if world_size > 1:
+        dist.barrier()  # all ranks start the clock together
     sync()
     t0 = time.perf_counter()
     for step in range(args.num_iterations + 1):
