@@ -387,6 +387,28 @@ def test_triton_kernels_match_references_in_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_triton_kernels_compile_for_h100_ahead_of_time():
+    """Triton compiles to an sm_90 cubin without a GPU: catches type and lowering errors the interpreter cannot."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", 90, 32)
+    ce_signature = {"logits_ptr": "*bf16", "row_stride": "i32", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+                    "vocab_size": "constexpr", "cap": "fp32", "grad_scale": "fp32", "WRITE_GRAD": "constexpr",
+                    "BLOCK_V": "constexpr"}
+    for write_grad in (True, False):
+        source = ASTSource(tg.softcap_ce_rows_kernel, ce_signature,
+                           constexprs={"vocab_size": 50304, "WRITE_GRAD": write_grad, "BLOCK_V": 1024})
+        assert "cubin" in triton.compile(source, target=target, options={"num_warps": 8}).asm
+    xxt_signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "rows": "i32", "cols": "constexpr",
+                     **{name: "i32" for name in ["stride_xb", "stride_xr", "stride_xc", "stride_ob", "stride_or", "stride_oc"]},
+                     "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    for cols in (1024, 4096):
+        source = ASTSource(tg.xxt_kernel, xxt_signature, constexprs={"cols": cols, "BLOCK_M": 64, "BLOCK_K": 64})
+        compiled = triton.compile(source, target=target, options={"num_warps": 4, "num_stages": 4})
+        assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core instructions
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_match_references_on_gpu_at_real_shapes():
     generator = torch.Generator(device="cuda").manual_seed(0)
