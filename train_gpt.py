@@ -182,16 +182,18 @@ def check_config(args, world_size):
 
 def softcap_ce_rows_reference(logits, targets, cap, grad_scale, write_grad):
     """Per-row loss of cross_entropy(cap * z / sqrt(z^2 + cap^2)); optionally writes the scaled gradient wrt z into
-    `logits` in place. Computes in fp32 (or float64 for float64 inputs)."""
+    `logits` in place. Computes in fp32 (float64 for float64 inputs), in place where it can: it is the CPU path."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    denom = z * z + cap * cap
-    capped = cap * z * torch.rsqrt(denom)
-    lse = torch.logsumexp(capped, dim=-1)
-    loss = lse - capped.gather(1, targets[:, None]).squeeze(1)
+    inv_root = (z * z).add_(cap * cap).rsqrt_()  # 1 / sqrt(z^2 + cap^2)
+    capped = (z * inv_root).mul_(cap)
+    loss = -capped.gather(1, targets[:, None]).squeeze(1)
+    exps = capped.sub_(cap).exp_()  # capped logits lie in (-cap, cap): exp(c - cap) needs no running max
+    sums = exps.sum(dim=-1)
+    loss += cap + sums.log()
     if write_grad:
-        grad = torch.exp(capped - lse[:, None])
+        grad = exps.div_(sums[:, None])  # softmax
         grad[torch.arange(len(targets), device=logits.device), targets] -= 1
-        grad *= (cap ** 3) * grad_scale * torch.rsqrt(denom) / denom  # d capped / dz = cap^3 / denom^1.5
+        grad *= inv_root.mul_(cap).pow_(3).mul_(grad_scale)  # d capped / dz = cap^3 / (z^2 + cap^2)^1.5
         logits.copy_(grad)
     return loss
 
