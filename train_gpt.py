@@ -121,6 +121,8 @@ def parse_args(argv):
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: hyperparameters are given as --field=value")
         name, has_value, value = arg[2:].partition("=")
+        if name != "preset" and name not in fields:
+            raise SystemExit(f"unknown hyperparameter --{name}; the fields are: {', '.join(fields)}")
         if not has_value:
             is_flag = name in fields and fields[name].type is bool
             if is_flag and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
@@ -134,8 +136,6 @@ def parse_args(argv):
             if value not in PRESETS:
                 raise SystemExit(f"unknown preset {value!r}; choose one of {sorted(PRESETS)}")
             preset = value
-        elif name not in fields:
-            raise SystemExit(f"unknown hyperparameter --{name}; the fields are: {', '.join(fields)}")
         else:
             kind = fields[name].type
             try:
@@ -930,6 +930,11 @@ def main(argv):
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    # data first: a missing or corrupt file should fail before minutes of compilation (and before a log exists)
+    train_files = find_shards(args.train_files, "train")
+    check_train_data(train_files, args)
+    val_tokens = load_val_tokens(find_shards(args.val_files, "val"), args)
+
     is_master = rank == 0
     log = Logger(args, is_master)
     with open(__file__) as script:
@@ -946,11 +951,6 @@ def main(argv):
         args.seed = int(seed)
     log(repr(args))
     compile_model = args.compile == "true" or (args.compile == "auto" and use_cuda)
-
-    # data first: a missing or corrupt file should fail before minutes of compilation
-    train_files = find_shards(args.train_files, "train")
-    check_train_data(train_files, args)
-    val_tokens = load_val_tokens(find_shards(args.val_files, "val"), args)
 
     torch.manual_seed(args.seed)
     with device:
