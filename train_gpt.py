@@ -79,7 +79,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-10
     # run
-    val_every: int = 125  # 0 evaluates only at the start and the end
+    val_every: int = 125  # evaluate at step 0, every val_every steps and at the end; 0: only at the end
     warmup_steps: int = 10  # untimed steps on random tokens (compiles everything); weights and state restored
     compile: str = "auto"  # auto = torch.compile on CUDA only; "true" / "false" force it
     coordinate_descent_tuning: bool = True
