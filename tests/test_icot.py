@@ -1,6 +1,7 @@
 """train_icot.py on CPU: vocabulary and line checking, the teacher-state diagonal on hand-made examples, state
 injection, and the whole tiny pipeline (every stage, eval, predict) end to end."""
 
+import io
 import re
 import subprocess
 import sys
@@ -176,30 +177,52 @@ def test_all_writes_every_stage_table_logs_plots(tiny_run):
     assert phases == [("0", "0"), ("15", "4"), ("30", "8")]
 
 
-def test_eval_and_predict_commands(tiny_run):
-    dirs, args, _ = tiny_run
-    script = REPO_ROOT / "train_icot.py"
+def test_eval_and_predict_commands(tiny_run, capsys, monkeypatch, tmp_path):
+    dirs, args, _ = tiny_run  # in-process: the same main() as the command line, without a torch start-up per call
 
-    def run(*extra, stdin=None):
-        result = subprocess.run([sys.executable, script, *extra, "--preset", "tiny", *args], capture_output=True,
-                                text=True, input=stdin)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
+    def run(*extra):
+        result = icot.main([*extra, "--preset", "tiny", *args])
+        return result, capsys.readouterr().out
 
-    teacher_eval = run("eval", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}", f"--data={dirs['data'] / 'valid.txt'}")
-    assert re.search(r"teacher on .*valid.txt: loss:\S+ ppl:\S+ accuracy:\S+ problems_per_s:\S+ lines:200",
-                     teacher_eval)
-    emulator_eval = run("eval", f"--ckpt={dirs['ckpt'] / 'emulator.pt'}")
-    assert re.search(r"emulator on .*test.txt: loss:\S+ quasi_accuracy:\S+ lines:200", emulator_eval)
+    metrics, out = run("eval", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}", f"--data={dirs['data'] / 'valid.txt'}")
+    assert re.search(r"teacher on .*valid.txt: loss:\S+ ppl:\S+ accuracy:\S+ problems_per_s:\S+ lines:200", out)
+    assert metrics["lines"] == 200 and 0 <= metrics["accuracy"] <= 1 and metrics["ppl"] >= 1
+    _, out = run("eval", f"--ckpt={dirs['ckpt'] / 'emulator.pt'}")
+    assert re.search(r"emulator on .*test.txt: loss:\S+ quasi_accuracy:\S+ lines:200", out)
     couple = dirs["ckpt"] / "couple.pt"
-    predicted = run("predict", f"--ckpt={couple}", "--show_cot", "37*49", "12*34")
-    assert re.search(r"couple: 37\*49 = \S+ \((right|wrong, true 1813)\)\nteacher CoT: ", predicted)
-    assert "12*34 = " in predicted
-    interactive = run("predict", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}", stdin="37*49\n3*4\n\n")
-    assert "teacher: 37*49 = " in interactive and "error: 3*4: this model multiplies 2-digit by 2-digit" in interactive
-    bad = subprocess.run([sys.executable, script, "predict", "--preset", "tiny", *args, f"--ckpt={couple}", "1*2*3"],
+    outputs, _ = run("predict", f"--ckpt={couple}", "--show_cot", "37*49", "12*34")
+    assert len(outputs) == 2
+    assert re.fullmatch(r"couple: 37\*49 = \S+ \((right|wrong, true 1813)\)\nteacher CoT: [0-9+() $]+", outputs[0])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("37*49\n3*4\n\n"))
+    _, out = run("predict", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}")
+    assert "teacher: 37*49 = " in out and "error: 3*4: this model multiplies 2-digit by 2-digit" in out
+    with pytest.raises(SystemExit, match=r"is not a problem like 3719\*3349"):
+        run("predict", f"--ckpt={couple}", "1*2*3")
+    with pytest.raises(SystemExit, match="takes 1 problem"):
+        run("predict", f"--ckpt={couple}", "12*34 $ 56*78")
+    other_task = tmp_path / "3x3.txt"
+    other_task.write_text(icot.format_line([(123, 456)], 3, 3) + "\n")
+    with pytest.raises(SystemExit, match="3x3 with 1 per line, but the model was trained on 2x2 with 1 per line"):
+        run("eval", f"--ckpt={couple}", f"--data={other_task}")
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        run("eval", f"--ckpt={tmp_path / 'none.pt'}")
+
+
+def test_data_parallel_run_on_cpu(tiny_run, tmp_path):
+    """torchrun with 2 processes (gloo on CPU): the manual gradient all-reduce keeps the ranks in sync and the
+    evaluation shards add up to all lines."""
+    dirs, _, _ = tiny_run
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          REPO_ROOT / "train_icot.py", "mindread", "--preset", "tiny", f"--data_dir={dirs['data']}",
+                          f"--teacher={dirs['ckpt'] / 'teacher.pt'}", f"--ckpt_dir={tmp_path / 'ckpt'}",
+                          f"--log_dir={tmp_path / 'logs'}", "--mindread_steps=4", "--eval_every=2", "--eval_lines=51"],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "is not a problem like 3719*3349" in bad.stderr
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (log,) = (tmp_path / "logs").glob("icot_mindread_*.txt")  # rank 0 only
+    text = log.read_text()
+    assert "2 process(es) on cpu" in text and "ranks in sync: weight checksum" in text
+    assert re.search(r"^step:4/4 removed_cot:8 val_loss:\S+ .* lines:51$", text, re.M)
+    assert (tmp_path / "ckpt" / "mindread.pt").is_file()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
