@@ -202,3 +202,16 @@ def test_forward_matches_plain_reference(tiny, num_layers):
     tokens = torch.stack([tokens[:50], tokens[-50:]])
     expected = reference_forward(params, tokens, num_layers, args.num_heads)
     torch.testing.assert_close(oocl.forward(params, tokens, num_layers, args.num_heads), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_sweep_matches_eager(tmp_path):
+    """The GPU path: the torch.compile'd batched loss ends where the eager one does."""
+    extra = ["--holdout1", "0.3", "0.6", "--k", "1", "0", "0", "1", "1", "1", "--steps", "40", "--eval_every", "40"]
+    finals = []
+    for compile_flag in ("0", "1"):
+        args = tiny_args(tmp_path, *extra, "--compile", compile_flag, mode="sweep")
+        finals.append([r["final"] for r in oocl.train_runs(args, oocl.grid(args))])
+    for eager, compiled in zip(*finals):
+        for key in oocl.METRIC_KEYS:
+            assert compiled[key] == pytest.approx(eager[key], abs=1e-3), key
