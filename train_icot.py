@@ -1033,7 +1033,8 @@ def run_all(hp):
     for kind in stages:
         _, wall = run_stage(kind, hp, train_set, val_set)
         model = load_checkpoint(os.path.join(hp.ckpt_dir, f"{kind}.pt"), hp)
-        rows.append((STAGE_NAMES[kind], evaluate(model, test_set, hp.eval_batch), evaluate(model, train_eval_set, hp.eval_batch), wall))
+        test, train = (evaluate(model, dataset, hp.eval_batch) for dataset in (test_set, train_eval_set))
+        rows.append((STAGE_NAMES[kind], test, train, wall))
     table = results_table(hp, rows)
     if MASTER:
         os.makedirs(hp.records_dir, exist_ok=True)
