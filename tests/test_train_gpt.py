@@ -429,25 +429,27 @@ def test_triton_kernels_match_references_on_gpu_at_real_shapes():
 
 # ---- Data errors ----
 
-def test_shard_errors_name_the_file_and_the_fix(tiny_data, tmp_path):
+def corrupted_copy(good, path, offset=None, value=None, truncate=0):
+    data = bytearray(good.read_bytes())
+    if offset is not None:
+        data[offset:offset + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(data[:len(data) - truncate]))
+    return path
+
+
+@pytest.mark.parametrize("name, corruption, message", [
+    ("bad_magic", dict(offset=0, value=1234), "bad_magic.bin: wrong magic number 1234"),
+    ("bad_version", dict(offset=4, value=7), "bad_version.bin: unsupported shard version 7"),
+    ("truncated", dict(truncate=10), "truncated.bin: corrupt shard, header says 2049 tokens"),
+])
+def test_corrupt_shards_are_named_with_the_problem(tiny_data, tmp_path, name, corruption, message):
     good = tiny_data / "tiny_val_000000.bin"
     assert tg.shard_token_count(good) == 2049
-    bad_magic = tmp_path / "bad_magic.bin"
-    data = bytearray(good.read_bytes())
-    data[0:4] = np.int32(1234).tobytes()
-    bad_magic.write_bytes(bytes(data))
-    with pytest.raises(SystemExit, match="bad_magic.bin: wrong magic number 1234"):
-        tg.shard_token_count(bad_magic)
-    bad_version = tmp_path / "bad_version.bin"
-    data = bytearray(good.read_bytes())
-    data[4:8] = np.int32(7).tobytes()
-    bad_version.write_bytes(bytes(data))
-    with pytest.raises(SystemExit, match="bad_version.bin: unsupported shard version 7"):
-        tg.shard_token_count(bad_version)
-    truncated = tmp_path / "truncated.bin"
-    truncated.write_bytes(good.read_bytes()[:-10])
-    with pytest.raises(SystemExit, match="truncated.bin: corrupt shard, header says 2049 tokens"):
-        tg.shard_token_count(truncated)
+    with pytest.raises(SystemExit, match=message):
+        tg.shard_token_count(corrupted_copy(good, tmp_path / f"{name}.bin", **corruption))
+
+
+def test_missing_shards_name_the_fetch_command(tmp_path):
     with pytest.raises(SystemExit, match=r"python data/cached_fineweb10B.py N"):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "train")
 
