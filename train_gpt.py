@@ -86,6 +86,7 @@ class Hyperparameters:
     ce_chunk_rows: int = 8192  # rows of logits alive at once in the fused cross-entropy
     seed: int = -1  # -1 draws a fresh seed (logged); set it for reproducible runs
     save_checkpoint: bool = False
+    allow_cpu: bool = False  # without CUDA only small models may run (the full model would take weeks on a CPU)
     log_dir: str = "logs"
     run_name: str = "gpt"
 
@@ -98,7 +99,7 @@ PRESETS = {
         num_layers=6, model_dim=64, num_heads=2, head_dim=32, mlp_hidden=256, num_value_embeds=2,
         micro_batch_tokens=512, micro_batches_per_step=2, attn_block_size=128, max_window_tokens=384,
         val_tokens=2048, num_iterations=20, val_every=10, warmup_steps=2, ce_chunk_rows=128,
-        muon_momentum_warmup_steps=10, seed=1234, run_name="gpt_tiny",
+        muon_momentum_warmup_steps=10, seed=1234, allow_cpu=True, run_name="gpt_tiny",
     ),
 }
 
@@ -925,6 +926,9 @@ def main(argv):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_config(args, world_size)
     use_cuda = torch.cuda.is_available()
+    if not use_cuda and not args.allow_cpu:
+        raise SystemExit("no CUDA GPU is visible: this configuration needs GPUs (launch it with ./run.sh on a GPU "
+                         "node). For a CPU run of the same code use --preset tiny (or --allow_cpu with a small model).")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -454,6 +454,15 @@ def test_missing_shards_name_the_fetch_command(tmp_path):
         tg.find_shards(str(tmp_path / "nothing_*.bin"), "train")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_full_configuration_without_a_gpu_is_an_error(tiny_data, tmp_path):
+    result = run_script([f"--train_files={tiny_data}/tiny_train_*.bin", f"--val_files={tiny_data}/tiny_val_*.bin"],
+                        tmp_path, check=False)
+    assert result.returncode != 0
+    assert "no CUDA GPU is visible" in result.stderr and "--preset tiny" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 def test_too_few_tokens_are_errors(tiny_data):
     args = tg.parse_args(tiny_args(tiny_data, "--val_tokens=4096"))
     with pytest.raises(SystemExit, match="hold 2049 tokens but val_tokens=4096 needs 4097"):
