@@ -165,13 +165,16 @@ class RunSpec:
     seed: int
 
 
+def fmt(v):
+    return f"{v:g}"
+
+
 def run_name(p, spec):
-    fmt = lambda v: f"{v:g}"
     return f"oocl_ssq_{p}_{fmt(spec.holdout1)}_{fmt(spec.holdout2)}_" + "_".join(fmt(w) for w in spec.k)
 
 
 def grid(args):
-    return [RunSpec(h1, h2, tuple(k), s) for h1 in args.holdout1 for h2 in args.holdout2
+    return [RunSpec(h1, h2, k, s) for h1 in args.holdout1 for h2 in args.holdout2
             for k in k_triples(args) for s in args.seeds]
 
 
@@ -625,7 +628,6 @@ def summarise(args, results):
 
 def write_sweep_outputs(args, results, command):
     os.makedirs(args.out_dir, exist_ok=True)
-    fmt = lambda v: f"{v:g}"
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run_name", "p", "holdout1", "holdout2", "k1", "k2", "k3", "seed", "steps", "solved_step",
@@ -668,7 +670,7 @@ def plot_heatmap(args, rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     h1s, h2s = sorted(set(args.holdout1)), sorted(set(args.holdout2))
-    triples = [tuple(k) for k in k_triples(args)]
+    triples = k_triples(args)
     fig, axes = plt.subplots(1, len(triples), figsize=(1.0 + 0.9 * len(h2s) * len(triples) + 1.5 * len(triples),
                                                        1.5 + 0.7 * len(h1s)), squeeze=False)
     cell = {(r["holdout1"], r["holdout2"], r["k"]): r for r in rows}
@@ -680,10 +682,10 @@ def plot_heatmap(args, rows, path):
                 c = cell[(h1, h2, k)]
                 ax.text(j, i, f"{c['op1_test_acc_mean']:.2f}\n{c['solved']}/{c['seeds']}", ha="center", va="center",
                         color="white" if c["op1_test_acc_mean"] < 0.6 else "black", fontsize=8)
-        ax.set_xticks(range(len(h2s)), [f"{h:g}" for h in h2s])
-        ax.set_yticks(range(len(h1s)), [f"{h:g}" for h in h1s])
+        ax.set_xticks(range(len(h2s)), [fmt(h) for h in h2s])
+        ax.set_yticks(range(len(h1s)), [fmt(h) for h in h1s])
         ax.set_xlabel("holdout2 (alias table)")
-        ax.set_title(f"k = ({', '.join(f'{w:g}' for w in k)})")
+        ax.set_title(f"k = ({', '.join(map(fmt, k))})")
     axes[0][0].set_ylabel("holdout1 (original table)")
     fig.colorbar(image, ax=axes[0].tolist(), label="table-1 held-out accuracy")
     fig.suptitle(f"(x²+y²) mod {args.p}: held-out table-1 accuracy after {args.steps} steps", fontsize=10)
