@@ -454,6 +454,8 @@ class RunGroup:
 # logs/<run_id>.txt per run: the script, the environment, the hyperparameters, one line per step and per
 # evaluation (val_loss = loss on held-out table-1 rows), flushed line by line.
 
+SOLVED_ACC = 0.9  # a run is "solved" once its held-out table-1 accuracy reaches this
+
 METRIC_KEYS = ["op1_train_loss", "op1_train_acc", "op1_test_loss", "op1_test_acc", "op2_train_loss",
                "op2_train_acc", "op2_test_loss", "op2_test_acc", "link_loss", "link_acc"]
 
@@ -532,7 +534,6 @@ def train_group(args, specs, device, echo):
     peak = 989.5e12 if device.type == "cuda" else None  # H100 SXM dense bf16
     history = [[] for _ in specs]
     train_time_ms, timed_steps = 0.0, 0
-    first_solved = [None] * len(specs)
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             metrics = group.evaluate()
@@ -543,8 +544,6 @@ def train_group(args, specs, device, echo):
                        for m in metrics])
             for r, m in enumerate(metrics):
                 history[r].append(dict(step=step, **m))
-                if first_solved[r] is None and m["op1_test_acc"] >= 0.9:
-                    first_solved[r] = step
             if not echo:
                 accs = [m["op1_test_acc"] for m in metrics]
                 print(f"step:{step}/{args.steps} runs:{len(specs)} op1_test_acc mean:{sum(accs) / len(accs):.3f} "
@@ -572,8 +571,7 @@ def train_group(args, specs, device, echo):
                  f"tokens_per_s:{3 * group.train_count / seconds:.0f} mfu:{mfu}")
     logs.all(peak_memory_line(device))
     logs.close()
-    return [dict(spec=spec, final=history[r][-1], history=history[r], solved_step=first_solved[r],
-                 log=logs.paths[r]) for r, spec in enumerate(specs)]
+    return [dict(spec=spec, final=h[-1], history=h, log=path) for spec, h, path in zip(specs, history, logs.paths)]
 
 
 def train_runs(args, specs, echo=False):
@@ -606,6 +604,11 @@ def best_op1_test_acc(result):
     return max(h["op1_test_acc"] for h in result["history"])
 
 
+def solved_step(result):
+    """The first evaluated step with held-out table-1 accuracy >= SOLVED_ACC, or None."""
+    return next((h["step"] for h in result["history"] if h["op1_test_acc"] >= SOLVED_ACC), None)
+
+
 def summarise(args, results):
     """Mean/std over seeds per (holdout1, holdout2, k) -> rows for the table."""
     cells = {}
@@ -618,7 +621,7 @@ def summarise(args, results):
         rows.append(dict(holdout1=h1, holdout2=h2, k=k, seeds=len(runs), op1_test_acc_mean=acc.mean().item(),
                          op1_test_acc_std=acc.std().item() if len(runs) > 1 else 0.0,
                          op1_test_acc_min=acc.min().item(),
-                         solved=sum(r["final"]["op1_test_acc"] >= 0.9 for r in runs),
+                         solved=sum(r["final"]["op1_test_acc"] >= SOLVED_ACC for r in runs),
                          op1_test_acc_best_mean=sum(map(best_op1_test_acc, runs)) / len(runs),
                          op1_train_acc_mean=sum(r["final"]["op1_train_acc"] for r in runs) / len(runs),
                          op2_test_acc_mean=sum(r["final"]["op2_test_acc"] for r in runs) / len(runs),
@@ -636,7 +639,7 @@ def write_sweep_outputs(args, results, command):
         for res in results:
             s, m = res["spec"], res["final"]
             writer.writerow([run_name(args.p, s), args.p, s.holdout1, s.holdout2, *s.k, s.seed, args.steps,
-                             res["solved_step"] if res["solved_step"] is not None else "",
+                             "" if solved_step(res) is None else solved_step(res),
                              f"{best_op1_test_acc(res):.6f}"]
                             + [f"{m[key]:.6f}" for key in METRIC_KEYS] + [res["log"]])
     rows = summarise(args, results)
@@ -647,8 +650,8 @@ def write_sweep_outputs(args, results, command):
             writer.writerow([" ".join(map(fmt, v)) if isinstance(v, tuple) else v for v in row.values()])
     chance = 1 / args.p
     lines = [f"Final accuracy on held-out table-1 rows after {args.steps} steps, p={args.p} (chance {chance:.3f}), "
-             f"mean ± std over seeds; solved = seeds with final accuracy >= 0.9; best = highest accuracy at any "
-             f"evaluation (mean over seeds).", "",
+             f"mean ± std over seeds; solved = seeds with final accuracy >= {SOLVED_ACC:g}; "
+             f"best = highest accuracy at any evaluation (mean over seeds).", "",
              "| holdout1 | holdout2 | k1 k2 k3 | seeds | op1 test acc | min | solved | best during training "
              "| op1 train acc | op2 test acc | link acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
