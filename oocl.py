@@ -483,13 +483,14 @@ class RunLogs:
         env = environment_lines(device)
         self.echo, self.files, self.paths = echo, [], []
         for spec in specs:
-            run_id = f"{run_name(args.p, spec)}_seed{spec.seed}_{stamp}_{uuid.uuid4().hex[:6]}"
+            name = run_name(args.p, spec)
+            run_id = f"{name}_seed{spec.seed}_{stamp}_{uuid.uuid4().hex[:6]}"
             path = os.path.join(args.log_dir, run_id + ".txt")
             f = open(path, "w")
             hyper = dataclasses.replace(args, holdout1=[spec.holdout1], holdout2=[spec.holdout2], k=list(spec.k),
                                         seeds=[spec.seed])
             f.write(script + "\n" + "=" * 100 + "\n" + "\n".join(env) + "\n" + "=" * 100 + "\n")
-            f.write(f"run_name: {run_name(args.p, spec)} seed: {spec.seed}\n{hyper!r}\n")
+            f.write(f"run_name: {name} seed: {spec.seed}\n{hyper!r}\n")
             f.flush()
             self.files.append(f)
             self.paths.append(path)
@@ -497,19 +498,16 @@ class RunLogs:
             print("\n".join(env), flush=True)
             print(f"run_name: {run_name(args.p, specs[0])} seed: {specs[0].seed}\n{args!r}", flush=True)
 
-    def all(self, line, echo=True):
-        for f in self.files:
-            f.write(line + "\n")
-            f.flush()
-        if self.echo and echo:
-            print(line, flush=True)
-
-    def each(self, lines):
+    def each(self, lines, echo=True):
+        """lines[r] to run r's log; with echo, the first run's line to stdout."""
         for f, line in zip(self.files, lines):
             f.write(line + "\n")
             f.flush()
-        if self.echo:
+        if self.echo and echo:
             print(lines[0], flush=True)
+
+    def all(self, line, echo=True):
+        self.each([line] * len(self.files), echo)
 
     def close(self):
         for f in self.files:
