@@ -208,9 +208,8 @@ def resolve_paths(hp):
     hp.ckpt_dir = hp.ckpt_dir or os.path.join("checkpoints", "icot", name)
     hp.train_file = hp.train_file or os.path.join(hp.data_dir, "train.txt")
     hp.val_file = hp.val_file or os.path.join(hp.data_dir, "valid.txt")
-    if not hp.test_file:
-        paper_test = paper_files(hp)[1] if paper_files(hp) else None
-        hp.test_file = paper_test or os.path.join(hp.data_dir, "test.txt")
+    paper = paper_files(hp)
+    hp.test_file = hp.test_file or (paper[1] if paper else os.path.join(hp.data_dir, "test.txt"))
 
 
 def paper_files(hp):
@@ -305,7 +304,7 @@ def check_line(line):
         sizes.add(tuple(len(o.split(" ")) for o in operands))
     if len(sizes) != 1:
         raise ValueError(f"problems of different digit sizes on one line: {sorted(sizes)}")
-    (n, m), expected = sizes.pop(), None
+    n, m = sizes.pop()
     expected = format_line(problems, n, m)
     if line != expected:
         got, want = line.split("||")[1].split(" #### "), expected.split("||")[1].split(" #### ")
@@ -545,6 +544,11 @@ class IcotModel(nn.Module):
             self.emulator = Emulator(hp)
         self.frozen_teacher = [teacher]  # a list: frozen, not a submodule, so neither trained nor saved with this model
 
+    @property
+    def seq_len(self):
+        """Tokens of one line as this model reads it: `input ||` (emulator), else the layout less the removed CoT."""
+        return self.layout.sep1 + 1 if self.kind == "emulator" else self.layout.seq_len - self.removed
+
     @torch.no_grad()
     def teacher_states(self, tokens):
         """(B, n_layer, dim) standardised states of the teacher run over `input || cot ####` (the gold CoT)."""
@@ -559,6 +563,10 @@ class IcotModel(nn.Module):
         teacher.lm(tokens[:, :self.layout.sep2 + 1].long(), read)
         states = torch.stack(collected, dim=1)
         return standardise(states) if len(self.positions[0]) > 1 else states
+
+    def emulator_error(self, tokens):
+        """(B, n_layer, dim) emulated minus teacher states."""
+        return self.emulator(tokens.long()[:, :self.layout.sep1 + 1]) - self.teacher_states(tokens)
 
     def student_states(self, tokens):
         """What the student reads at '||': teacher states (mindread) or the emulator's predictions (couple)."""
@@ -580,7 +588,7 @@ class IcotModel(nn.Module):
         token after '||' (whatever CoT is left, '####', the answer, <eos>)."""
         tokens = tokens.long()
         if self.kind == "emulator":
-            error = (self.emulator(tokens[:, :self.layout.sep1 + 1]) - self.teacher_states(tokens)).square()
+            error = self.emulator_error(tokens).square()
             return error.mean() if reduction == "mean" else error.mean((1, 2)).sum()
         seq, sep1 = drop_cot(tokens, self.layout, self.removed), self.layout.sep1
         logits = self.lm.logits(self.hidden(seq[:, :-1], self.student_states(tokens))[:, sep1:])
@@ -592,7 +600,7 @@ class IcotModel(nn.Module):
         most ~100 tokens and the whole batch decodes in parallel."""
         tokens = tokens.long()
         states, seq = self.student_states(tokens), tokens[:, :self.layout.sep1 + 1]
-        for _ in range(self.layout.seq_len - self.removed - self.layout.sep1 - 1):
+        for _ in range(self.seq_len - self.layout.sep1 - 1):
             next_token = self.lm.logits(self.hidden(seq, states)[:, -1]).argmax(-1)
             seq = torch.cat([seq, next_token[:, None]], dim=1)
         return seq[:, self.layout.sep1 + 1:]
@@ -666,18 +674,19 @@ def evaluate(model, dataset, batch_size, max_lines=None):
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(DEVICE)
         with autocast():
-            loss_sum = model(batch, reduction="sum").item()
             if is_lm:
+                loss_sum = model(batch, reduction="sum").item()
                 synchronize()
                 t0 = time.perf_counter()
                 generated = model.generate(batch)
                 synchronize()
                 decode_time += time.perf_counter() - t0
                 totals[2] += correct_answers(generated.cpu(), batch.cpu(), dataset.layout)
-                totals[1] += batch.size(0) * (dataset.layout.seq_len - model.removed - dataset.layout.sep1 - 1)
+                totals[1] += batch.size(0) * (model.seq_len - dataset.layout.sep1 - 1)
             else:
-                predicted = model.emulator(batch.long()[:, :dataset.layout.sep1 + 1])
-                totals[2] += (predicted - model.teacher_states(batch)).abs().mean((1, 2)).sum().item()
+                error = model.emulator_error(batch)  # once for both metrics
+                loss_sum = error.square().mean((1, 2)).sum().item()
+                totals[2] += error.abs().mean((1, 2)).sum().item()
                 totals[1] += batch.size(0)
         totals[0] += loss_sum
         totals[3] += batch.size(0)
@@ -811,7 +820,7 @@ def peak_flops():
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def flops_per_line(model, layout):
+def flops_per_line(model):
     """Training FLOPs of one line: 6 x matmul params x tokens of the trained model + 2 x those of the frozen teacher
     forward (mindread, emulator), attention included."""
     def lm_flops(gpt, tokens, factor):
@@ -819,12 +828,11 @@ def flops_per_line(model, layout):
         dim = gpt.embed0.embedding_dim
         return factor * (matmul * tokens + len(gpt.blocks) * tokens * tokens * dim)  # QK^T and AV, causal ~ half
     trained = model.emulator.gpt if model.kind == "emulator" else model.lm
-    tokens = layout.sep1 + 1 if model.kind == "emulator" else layout.seq_len - model.removed
-    total = lm_flops(trained, tokens, 6)
+    total = lm_flops(trained, model.seq_len, 6)
     if model.kind == "couple":
-        total += lm_flops(model.emulator.gpt, layout.sep1 + 1, 6)
+        total += lm_flops(model.emulator.gpt, model.layout.sep1 + 1, 6)
     if model.kind in ("mindread", "emulator"):
-        total += lm_flops(model.frozen_teacher[0].lm, layout.sep2 + 1, 2)
+        total += lm_flops(model.frozen_teacher[0].lm, model.layout.sep2 + 1, 2)
     return total
 
 
@@ -851,7 +859,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps, phases=None):
     generator = torch.Generator().manual_seed(hp.seed + RANK)
     data = train_set.tokens.to(DEVICE)
     order, cursor = torch.randperm(len(data), generator=generator), 0
-    phases = phases or [(0, model.removed)]
+    phase_removals = dict(phases or [(0, model.removed)])  # start step -> removed CoT tokens
     peak = peak_flops()
     accuracy_key = "accuracy" if kind != "emulator" else "quasi_accuracy"
     train_losses, evals, train_time, optimizer, phase_start = [], [], 0.0, None, 0
@@ -867,11 +875,10 @@ def train_stage(hp, kind, model, train_set, val_set, steps, phases=None):
         window = time.perf_counter() - window_start
         train_time += window
         lines_per_s = hp.batch_size * window_steps / window
-        flops = flops_per_line(model, train_set.layout) * hp.batch_size * window_steps  # model.removed of the window
+        flops = flops_per_line(model) * hp.batch_size * window_steps  # model.removed of the window
         mfu = f"{flops / window / (peak * WORLD_SIZE):.4f}" if peak else "n/a"
-        tokens = train_set.layout.seq_len - model.removed if kind != "emulator" else train_set.layout.sep1 + 1
         logger.log(f"step:{step}/{steps} train_loss:{train_losses[-1].item():.4f} lines_per_s:{lines_per_s:.0f} "
-                   f"tokens_per_s:{lines_per_s * tokens:.0f} mfu:{mfu}")
+                   f"tokens_per_s:{lines_per_s * model.seq_len:.0f} mfu:{mfu}")
         window_start, window_steps = None, 0
 
     def run_eval(step):
@@ -885,11 +892,11 @@ def train_stage(hp, kind, model, train_set, val_set, steps, phases=None):
         return metrics
 
     for step in range(steps + 1):
-        if step in dict(phases):  # a new stepwise phase: fewer CoT tokens, fresh optimizer
+        if step in phase_removals:  # a new stepwise phase: fewer CoT tokens, fresh optimizer
             close_window(step)  # a phase recompiles: keep that out of the throughput of a window
-            model.removed, phase_start = dict(phases)[step], step
+            model.removed, phase_start = phase_removals[step], step
             optimizer = make_optimizer(model, hp)
-            if len(phases) > 1:
+            if len(phase_removals) > 1:
                 logger.log(f"step:{step}/{steps} phase: removed_cot:{model.removed} of {train_set.layout.cot_len}, "
                            f"optimizer reset")
         if step % hp.eval_every == 0 or step == steps:
