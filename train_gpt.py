@@ -664,7 +664,22 @@ def join_master(weight_bf16, low_bits):
     return (high | (low_bits.to(torch.int32) & 0xFFFF)).view(torch.float32)
 
 
-class Muon:
+class Snapshots:
+    """state_snapshot / load_snapshot (the untimed warm-up restores them) for an optimizer whose `state` is a list
+    of None or dicts of tensors and plain numbers."""
+
+    @staticmethod
+    def _clone(states):
+        return [None if s is None else {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
+
+    def state_snapshot(self):
+        return self._clone(self.state)
+
+    def load_snapshot(self, snapshot):
+        self.state = self._clone(snapshot)
+
+
+class Muon(Snapshots):
     """Momentum + Newton-Schulz orthogonalisation for the block matrices. Matrices of equal shape are dealt
     round-robin to the ranks: each rank updates its share (bf16 weight + low half buffer = exact fp32 master),
     then the new bf16 weights are all-gathered."""
@@ -679,9 +694,6 @@ class Muon:
         self.params = [p for group in self.groups for p in group]
         self.slot = {id(p): i for i, p in enumerate(self.params)}
         self.state = [None] * len(self.params)  # only the owning rank holds a matrix's state
-
-    def owned(self, group):
-        return [(i, p) for i, p in enumerate(group) if i % self.world_size == self.rank]
 
     @torch.no_grad()
     def step(self, grads, lr_scale, momentum):
@@ -715,14 +727,8 @@ class Muon:
         p.data.view(torch.int16).copy_(high)
         state["low_bits"].copy_(low)
 
-    def state_snapshot(self):
-        return [None if s is None else {k: v.clone() for k, v in s.items()} for s in self.state]
 
-    def load_snapshot(self, snapshot):
-        self.state = [None if s is None else {k: v.clone() for k, v in s.items()} for s in snapshot]
-
-
-class AdamW:
+class AdamW(Snapshots):
     """Adam without weight decay (decoupled decay is 0 here) with fp32 state; bf16 parameters are updated in fp32
     and rounded back."""
 
@@ -752,12 +758,6 @@ class AdamW:
                     p.sub_(update)
                 else:
                     p.copy_(p.float() - update)
-
-    def state_snapshot(self):
-        return [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in self.state]
-
-    def load_snapshot(self, snapshot):
-        self.state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in snapshot]
 
 
 # ---- Data ----
@@ -818,11 +818,12 @@ def check_train_data(files, args):
                          "from the repository root (100M-token shards)")
 
 
-def to_device(array, device, dtype):
-    tensor = torch.from_numpy(np.asarray(array, dtype=np.int64 if dtype == torch.int64 else np.int32))
+def to_device(tokens, device):
+    """n + 1 consecutive tokens -> (inputs int32, targets int64) of n tokens each, copied asynchronously on CUDA."""
+    pair = torch.from_numpy(np.asarray(tokens[:-1], dtype=np.int32)), torch.from_numpy(np.asarray(tokens[1:], dtype=np.int64))
     if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in pair)
+    return pair
 
 
 def train_batches(files, args, rank, world_size, device):
@@ -839,7 +840,7 @@ def train_batches(files, args, rank, world_size, device):
                 start = pos + (rank * per_rank + micro) * seq_len
                 chunk = tokens[start:start + seq_len + 1]
                 check_token_range(chunk, args.vocab_size, path)
-                yield to_device(chunk[:-1], device, torch.int32), to_device(chunk[1:], device, torch.int64)
+                yield to_device(chunk, device)
 
 
 def load_val_tokens(files, args):
@@ -866,12 +867,11 @@ def window_blocks(step, args):
     return max(1, math.ceil(window / args.attn_block_size))
 
 
-def flops_per_token(args, model, long_blocks):
+def flops_per_token(args, layout, matmul_params, long_blocks):
     """Training FLOPs per token: 6 x matmul parameters (blocks + head) plus causal attention over the window
     (about window - half a block keys per query; document masking not counted)."""
-    matmul_params = sum(p.numel() for p in parameter_groups(model)["matrices"]) + args.vocab_size * args.model_dim
     flops = 6 * matmul_params
-    for has_attention, long in zip(model.layout["has_attention"], model.layout["long_window"]):
+    for has_attention, long in zip(layout["has_attention"], layout["long_window"]):
         if has_attention:
             blocks = long_blocks if long else max(long_blocks // 2, 1)
             keys = min(blocks * args.attn_block_size, args.micro_batch_tokens) - args.attn_block_size / 2
@@ -984,8 +984,16 @@ def main(argv):
         if use_cuda:
             torch.cuda.synchronize()
 
+    windows = {}  # long window size (blocks) -> device tensor: one blocking host-to-device copy per distinct size
+
+    def window_tensor(step):
+        blocks = window_blocks(step, args)
+        if blocks not in windows:
+            windows[blocks] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        return windows[blocks]
+
     def train_step(step, batches):
-        window = torch.tensor(window_blocks(step, args), dtype=torch.int32, device=device)
+        window = window_tensor(step)
         for micro in range(micro_steps):
             inputs, targets = next(batches)
             reducer.begin_micro_step(first=micro == 0, last=micro == micro_steps - 1)
@@ -997,7 +1005,7 @@ def main(argv):
 
     @torch.no_grad()
     def evaluate(step):
-        window = torch.tensor(window_blocks(step, args), dtype=torch.int32, device=device)
+        window = window_tensor(step)
         seq_len = args.micro_batch_tokens
         total = torch.zeros((), dtype=torch.float64, device=device)
         num_micro = args.val_tokens // seq_len
@@ -1005,7 +1013,7 @@ def main(argv):
             for micro in range(micro_steps):  # the same partition of micro-batches over ranks as in training
                 j = val_step * args.micro_batches_per_step + rank * micro_steps + micro
                 chunk = val_tokens[j * seq_len:(j + 1) * seq_len + 1]
-                total += run_model(to_device(chunk[:-1], device, torch.int32), to_device(chunk[1:], device, torch.int64), window)
+                total += run_model(*to_device(chunk, device), window)
         if world_size > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return (total / num_micro).item()
@@ -1018,7 +1026,7 @@ def main(argv):
         def random_batches():
             while True:
                 tokens = torch.randint(0, args.vocab_size, (args.micro_batch_tokens + 1,), generator=generator)
-                yield tokens[:-1].to(device, torch.int32), tokens[1:].to(device)
+                yield to_device(tokens.numpy(), device)
 
         warmup_data = random_batches()
         for warmup_step in range(args.warmup_steps):
@@ -1031,6 +1039,7 @@ def main(argv):
     batches = train_batches(train_files, args, rank, world_size, device)
     step_tokens = args.micro_batch_tokens * args.micro_batches_per_step
     peak = peak_flops(device)
+    matmul_params = counts["matrices"] + counts["head"]
     training_time_ms, total_flops = 0.0, 0.0
 
     def throughput_line(steps_done):
@@ -1060,7 +1069,7 @@ def main(argv):
         if last_step:
             break
         train_step(step, batches)
-        total_flops += step_tokens * flops_per_token(args, model, window_blocks(step, args))
+        total_flops += step_tokens * flops_per_token(args, model.layout, matmul_params, window_blocks(step, args))
         approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         log(f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
 
