@@ -433,19 +433,16 @@ class RunGroup:
             losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(R, -1))
             correct.append((logits.argmax(-1) == target).float())
         losses, correct = torch.cat(losses, 1).cpu(), torch.cat(correct, 1).cpu()
-        is_train = self.is_train.cpu()
+        table1, table2, links = (self.group == g for g in (TABLE1, TABLE2, LINKS))
         metrics = []
-        for r in range(R):
+        for r, train in enumerate(self.is_train.cpu()):
+            subsets = {"op1_train": train & table1, "op1_test": ~train & table1,
+                       "op2_train": train & table2, "op2_test": ~train & table2, "link": train & links}
             m = {}
-            for prefix, g in (("op1", TABLE1), ("op2", TABLE2), ("link", LINKS)):
-                for part, mask in (("train", is_train[r]), ("test", ~is_train[r])):
-                    rows = mask & (self.group == g)
-                    if g == LINKS and part == "test":
-                        continue
-                    key = prefix if g == LINKS else f"{prefix}_{part}"
-                    count = rows.sum().item()
-                    m[f"{key}_loss"] = losses[r, rows].mean().item() if count else float("nan")
-                    m[f"{key}_acc"] = correct[r, rows].mean().item() if count else float("nan")
+            for key, rows in subsets.items():
+                empty = not rows.any()
+                m[f"{key}_loss"] = float("nan") if empty else losses[r, rows].mean().item()
+                m[f"{key}_acc"] = float("nan") if empty else correct[r, rows].mean().item()
             metrics.append(m)
         return metrics
 
