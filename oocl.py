@@ -604,7 +604,7 @@ def solved_step(result):
     return next((h["step"] for h in result["history"] if h["op1_test_acc"] >= SOLVED_ACC), None)
 
 
-def summarise(args, results):
+def summarise(results):
     """Mean/std over seeds per (holdout1, holdout2, k) -> rows for the table."""
     cells = {}
     for res in results:
@@ -612,15 +612,17 @@ def summarise(args, results):
         cells.setdefault((s.holdout1, s.holdout2, s.k), []).append(res)
     rows = []
     for (h1, h2, k), runs in cells.items():
-        acc = torch.tensor([r["final"]["op1_test_acc"] for r in runs])
+        final = lambda key: [r["final"][key] for r in runs]
+        mean = lambda values: sum(values) / len(runs)
+        acc = torch.tensor(final("op1_test_acc"))
         rows.append(dict(holdout1=h1, holdout2=h2, k=k, seeds=len(runs), op1_test_acc_mean=acc.mean().item(),
                          op1_test_acc_std=acc.std().item() if len(runs) > 1 else 0.0,
                          op1_test_acc_min=acc.min().item(),
-                         solved=sum(r["final"]["op1_test_acc"] >= SOLVED_ACC for r in runs),
-                         op1_test_acc_best_mean=sum(map(best_op1_test_acc, runs)) / len(runs),
-                         op1_train_acc_mean=sum(r["final"]["op1_train_acc"] for r in runs) / len(runs),
-                         op2_test_acc_mean=sum(r["final"]["op2_test_acc"] for r in runs) / len(runs),
-                         link_acc_mean=sum(r["final"]["link_acc"] for r in runs) / len(runs)))
+                         solved=sum(a >= SOLVED_ACC for a in final("op1_test_acc")),
+                         op1_test_acc_best_mean=mean(map(best_op1_test_acc, runs)),
+                         op1_train_acc_mean=mean(final("op1_train_acc")),
+                         op2_test_acc_mean=mean(final("op2_test_acc")),
+                         link_acc_mean=mean(final("link_acc"))))
     return rows
 
 
@@ -637,7 +639,7 @@ def write_sweep_outputs(args, results, command):
                              "" if solved_step(res) is None else solved_step(res),
                              f"{best_op1_test_acc(res):.6f}"]
                             + [f"{m[key]:.6f}" for key in METRIC_KEYS] + [res["log"]])
-    rows = summarise(args, results)
+    rows = summarise(results)
     with open(os.path.join(args.out_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(list(rows[0]))
