@@ -90,6 +90,10 @@ class Hyperparameters:
     log_dir: str = "logs"
     run_name: str = "gpt"
 
+    @property
+    def step_tokens(self):  # training tokens per optimizer step, summed over ranks
+        return self.micro_batch_tokens * self.micro_batches_per_step
+
 
 PRESETS = {
     "full": {},
@@ -155,9 +159,9 @@ def check_config(args, world_size):
                         f"launch {', '.join(map(str, divisors))} processes (e.g. torchrun --nproc_per_node=8)")
     if args.micro_batch_tokens % args.attn_block_size != 0:
         problems.append(f"micro_batch_tokens={args.micro_batch_tokens} must be a multiple of attn_block_size={args.attn_block_size}")
-    if args.val_tokens <= 0 or args.val_tokens % (args.micro_batch_tokens * args.micro_batches_per_step) != 0:
+    if args.val_tokens <= 0 or args.val_tokens % args.step_tokens != 0:
         problems.append(f"val_tokens={args.val_tokens} must be a positive multiple of micro_batch_tokens * "
-                        f"micro_batches_per_step = {args.micro_batch_tokens * args.micro_batches_per_step}")
+                        f"micro_batches_per_step = {args.step_tokens}")
     if args.num_heads * args.head_dim != args.model_dim:
         problems.append(f"num_heads * head_dim = {args.num_heads * args.head_dim} must equal model_dim={args.model_dim} "
                         "(value embeddings are added to v)")
@@ -584,11 +588,11 @@ class GPT(nn.Module):
         value_embeds = [table(inputs)[None] for table in self.value_embeds]
         lambdas = self.scalars[:3 * n].view(n, 3)
         v_lambdas = self.scalars[3 * n:5 * n].view(n, 2)
-        skip_weights = self.scalars[5 * n:]
+        skip_weights = dict(zip(layout["skips"], self.scalars[5 * n:]))  # input block -> its learned weight
         outputs = []
         for i, block in enumerate(self.blocks):
             if i in layout["skips"]:
-                x = x + skip_weights[list(layout["skips"]).index(i)] * outputs[layout["skips"][i]]
+                x = x + skip_weights[i] * outputs[layout["skips"][i]]
             table = layout["value_embed"][i]
             x = block(x, x00, x01, lambdas[i], v_lambdas[i], None if table is None else value_embeds[table],
                       masks[0] if layout["long_window"][i] else masks[1])
@@ -808,7 +812,7 @@ def steps_in_shard(num_tokens, step_tokens):
 
 
 def check_train_data(files, args):
-    step_tokens = args.micro_batch_tokens * args.micro_batches_per_step
+    step_tokens = args.step_tokens
     available = sum(steps_in_shard(shard_token_count(path), step_tokens) for path in files)
     if available < args.num_iterations:
         per_shard = 100_000_000 // step_tokens
@@ -832,7 +836,7 @@ def train_batches(files, args, rank, world_size, device):
     r*A .. r*A + A-1 (A = micro-steps per rank): the same tokens per step for any world size."""
     seq_len = args.micro_batch_tokens
     per_rank = args.micro_batches_per_step // world_size
-    step_tokens = seq_len * args.micro_batches_per_step
+    step_tokens = args.step_tokens
     for path in files:
         tokens = load_shard(path)
         for pos in range(0, steps_in_shard(len(tokens), step_tokens) * step_tokens, step_tokens):
@@ -1037,7 +1041,7 @@ def main(argv):
         del initial
 
     batches = train_batches(train_files, args, rank, world_size, device)
-    step_tokens = args.micro_batch_tokens * args.micro_batches_per_step
+    step_tokens = args.step_tokens
     peak = peak_flops(device)
     matmul_params = counts["matrices"] + counts["head"]
     training_time_ms, total_flops = 0.0, 0.0
