@@ -19,6 +19,11 @@ def tiny_args(tmp_path, *extra, mode="single"):
     return oocl.parse_args(argv)[1]
 
 
+# a 2 x 2 sweep grid (two table-1 holdouts, k = (1, 0, 0) and (1, 1, 1)) and a short schedule
+GRID = ["--holdout1", "0.3", "0.6", "--k", "1", "0", "0", "1", "1", "1"]
+STEPS_40 = ["--steps", "40", "--eval_every", "40"]
+
+
 # ---- Data ----
 
 
@@ -140,15 +145,14 @@ def test_tiny_preset_reaches_full_train_accuracy(tmp_path):
 
 def test_batched_sweep_matches_single_runs(tmp_path):
     """Four runs with different splits, weights and seeds trained together end where each ends alone."""
-    steps = ["--steps", "40", "--eval_every", "40"]
-    sweep = tiny_args(tmp_path, "--holdout1", "0.3", "0.6", "--holdout2", "0.5", "--k", "1", "0", "0", "1", "1", "1",
-                      "--seeds", "0", "1", "--max_runs_per_batch", "3", *steps, mode="sweep")
+    sweep = tiny_args(tmp_path, *GRID, "--holdout2", "0.5", "--seeds", "0", "1", "--max_runs_per_batch", "3", *STEPS_40,
+                      mode="sweep")
     specs = oocl.grid(sweep)
     assert len(specs) == 8
     batched = oocl.train_runs(sweep, specs)
     for spec, together in list(zip(specs, batched))[::3]:  # 3 of the 8 (different holdout, k and seed)
         single = tiny_args(tmp_path, "--holdout1", str(spec.holdout1), "--holdout2", str(spec.holdout2),
-                           "--k", *map(str, spec.k), "--seed", str(spec.seed), *steps)
+                           "--k", *map(str, spec.k), "--seed", str(spec.seed), *STEPS_40)
         alone = oocl.train_runs(single, oocl.grid(single))[0]
         for key in oocl.METRIC_KEYS:
             assert together["final"][key] == pytest.approx(alone["final"][key], abs=1e-4), (spec, key)
@@ -157,8 +161,7 @@ def test_batched_sweep_matches_single_runs(tmp_path):
 
 
 def test_sweep_writes_table_csv_and_heatmap(tmp_path):
-    args = tiny_args(tmp_path, "--holdout1", "0.3", "0.6", "--holdout2", "0.3", "0.6", "--k", "1", "0", "0",
-                     "1", "1", "1", "--steps", "5", "--eval_every", "5", mode="sweep")
+    args = tiny_args(tmp_path, *GRID, "--holdout2", "0.3", "0.6", "--steps", "5", "--eval_every", "5", mode="sweep")
     results = oocl.train_runs(args, oocl.grid(args))
     table = oocl.write_sweep_outputs(args, results, "python oocl.py sweep ...")
     out = tmp_path / "out"
@@ -207,10 +210,9 @@ def test_forward_matches_plain_reference(tiny, num_layers):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_cuda_sweep_matches_eager(tmp_path):
     """The GPU path: the torch.compile'd batched loss ends where the eager one does."""
-    extra = ["--holdout1", "0.3", "0.6", "--k", "1", "0", "0", "1", "1", "1", "--steps", "40", "--eval_every", "40"]
     finals = []
     for compile_flag in ("0", "1"):
-        args = tiny_args(tmp_path, *extra, "--compile", compile_flag, mode="sweep")
+        args = tiny_args(tmp_path, *GRID, *STEPS_40, "--compile", compile_flag, mode="sweep")
         finals.append([r["final"] for r in oocl.train_runs(args, oocl.grid(args))])
     for eager, compiled in zip(*finals):
         for key in oocl.METRIC_KEYS:
