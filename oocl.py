@@ -385,7 +385,7 @@ class RunGroup:
     and each run's split for evaluation."""
 
     def __init__(self, args, specs, device):
-        self.args, self.specs, self.device = args, specs, device
+        self.args, self.specs = args, specs
         tokens, self.group = build_sequences(args.p)
         self.tokens = tokens.to(device)
         splits = [make_split(args.p, s.holdout1, s.holdout2, s.seed) for s in specs]
@@ -405,10 +405,8 @@ class RunGroup:
         self.train_weights = train_weights.to(device)
         self.params = stack_params([init_params(args, s.seed, device) for s in specs])
         self.optimizer = make_optimizer(self.params, args)
-        self.loss_fn = weighted_loss
         use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
-        if use_compile:
-            self.loss_fn = torch.compile(weighted_loss)
+        self.loss_fn = torch.compile(weighted_loss) if use_compile else weighted_loss
 
     def train_step(self, step):
         for group in self.optimizer.param_groups:
