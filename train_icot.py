@@ -642,13 +642,18 @@ def load_checkpoint(path, hp, teacher_path=None, kind=None):
     config = dataclasses.replace(hp, **saved["config"])
     needs_teacher = (kind or saved["kind"]) in ("mindread", "emulator")
     teacher_path = teacher_path or saved["teacher"]
-    teacher = load_checkpoint(teacher_path, hp).eval().requires_grad_(False) if needs_teacher else None
+    teacher = load_teacher(teacher_path, hp) if needs_teacher else None
     model = IcotModel(kind or saved["kind"], config, Layout(**saved["layout"]), teacher)
     model.load_state_dict(saved["model"], strict=kind is None)
     if kind is None:
         model.removed = saved["removed"]  # stepwise ends with no CoT left
     model.teacher_path = teacher_path
     return model.to(DEVICE)
+
+
+def load_teacher(path, hp):
+    """A frozen teacher in eval mode (read, never trained)."""
+    return load_checkpoint(path, hp).eval().requires_grad_(False)
 
 
 def check_layout(model, dataset):
@@ -954,10 +959,8 @@ def stepwise_phases(hp, layout):
     return list(zip(starts, removals)), starts[-1] + 2 * hp.stepwise_phase_steps
 
 
-def build_stage_model(kind, hp):
+def build_stage_model(kind, hp, layout):
     """A fresh model of a training stage, started from the checkpoints it builds on."""
-    teacher_kinds = ("mindread", "emulator")
-    layout = load_dataset(hp.val_file).layout
     if kind == "couple":  # the emulator's and the mind-reading student's weights, trained together
         model = load_checkpoint(os.path.join(hp.ckpt_dir, "mindread.pt"), hp, kind="couple")
         emulator = load_checkpoint(os.path.join(hp.ckpt_dir, "emulator.pt"), hp)
@@ -965,7 +968,7 @@ def build_stage_model(kind, hp):
         model.teacher_path = emulator.teacher_path
         return model
     teacher_path = hp.teacher or os.path.join(hp.ckpt_dir, "teacher.pt")
-    teacher = load_checkpoint(teacher_path, hp).eval().requires_grad_(False) if kind in teacher_kinds else None
+    teacher = load_teacher(teacher_path, hp) if kind in ("mindread", "emulator") else None
     torch.manual_seed(hp.seed)  # identical initial weights on every rank
     model = IcotModel(kind, hp, layout, teacher).to(DEVICE)
     model.teacher_path = teacher_path if teacher is not None else None
@@ -975,7 +978,7 @@ def build_stage_model(kind, hp):
 def run_stage(kind, hp, train_set=None, val_set=None):
     train_set = train_set or load_dataset(hp.train_file)
     val_set = val_set or load_dataset(hp.val_file, hp.eval_lines)
-    model = build_stage_model(kind, hp)
+    model = build_stage_model(kind, hp, val_set.layout)
     if kind == "stepwise":
         phases, steps = stepwise_phases(hp, train_set.layout)
         return train_stage(hp, kind, model, train_set, val_set, steps, phases)
@@ -1093,7 +1096,7 @@ def run_predict(hp, problems_text):
     teacher = None
     if hp.show_cot:
         teacher_path = hp.teacher or model.teacher_path or os.path.join(hp.ckpt_dir, "teacher.pt")
-        teacher = model if model.kind == "teacher" else load_checkpoint(teacher_path, hp).eval()
+        teacher = model if model.kind == "teacher" else load_teacher(teacher_path, hp)
     layout = model.layout
     interactive = not problems_text
     if interactive:
