@@ -409,8 +409,9 @@ class RunGroup:
         self.loss_fn = torch.compile(weighted_loss) if use_compile else weighted_loss
 
     def train_step(self, step):
+        lr = self.args.lr * lr_factor(step, self.args)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.args.lr * lr_factor(step, self.args)
+            group["lr"] = lr
         loss = self.loss_fn(self.params, self.train_inputs, self.train_targets, self.train_weights,
                             self.args.num_layers, self.args.num_heads)
         self.optimizer.zero_grad(set_to_none=True)
