@@ -474,11 +474,8 @@ def uniform_(weight, fan_in):
 
 
 def linear(x, weight):
-    """F.linear with the weight cast to the activation dtype; bf16 on CPU computed as in matmul()."""
-    weight = weight.type_as(x)
-    if x.is_cuda or x.dtype != torch.bfloat16:
-        return F.linear(x, weight)
-    return F.linear(x.float(), weight.float()).bfloat16()
+    """x @ weight^T with the weight cast to the activation dtype (bf16 on CPU computed as in matmul())."""
+    return matmul(x, weight.type_as(x).mT)
 
 
 class CastedLinear(nn.Module):
