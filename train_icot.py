@@ -212,10 +212,14 @@ def resolve_paths(hp):
     hp.test_file = hp.test_file or (paper[1] if paper else os.path.join(hp.data_dir, "test.txt"))
 
 
+def paper_folder(hp):
+    n, m = parse_task(hp.task)
+    return os.path.join(hp.paper_dir, f"{n}_by_{m}_mult")
+
+
 def paper_files(hp):
     """(valid, test) of the paper for this task, or None: 4x4 and 5x5 with one problem per line."""
-    n, m = parse_task(hp.task)
-    folder = os.path.join(hp.paper_dir, f"{n}_by_{m}_mult")
+    folder = paper_folder(hp)
     files = (os.path.join(folder, "valid.txt"), os.path.join(folder, "test_bigbench.txt"))
     return files if hp.per_line == 1 and all(os.path.isfile(f) for f in files) else None
 
@@ -990,16 +994,15 @@ def run_stage(kind, hp, train_set=None, val_set=None):
 
 def generate_data(hp):
     """Write train/valid(/test) with data/multiplication.py when missing; the paper's files are always excluded."""
-    files = [hp.train_file, hp.val_file] + ([] if paper_files(hp) else [hp.test_file])
+    paper_test = paper_files(hp) is not None  # the paper's test file is used, not generated
+    files = [hp.train_file, hp.val_file] + ([] if paper_test else [hp.test_file])
     if all(os.path.isfile(f) for f in files):
         return
-    if hp.train_file != os.path.join(hp.data_dir, "train.txt") or hp.val_file != os.path.join(hp.data_dir,
-                                                                                                "valid.txt"):
+    if (hp.train_file, hp.val_file) != (os.path.join(hp.data_dir, "train.txt"), os.path.join(hp.data_dir, "valid.txt")):
         die(f"missing data file among {files}; only the default files in --data_dir are generated")
-    n, m = parse_task(hp.task)
-    paper_dir = os.path.join(hp.paper_dir, f"{n}_by_{m}_mult")
+    paper_dir = paper_folder(hp)
     exclude = sorted(os.path.join(paper_dir, f) for f in os.listdir(paper_dir)) if os.path.isdir(paper_dir) else []
-    splits = f"train={hp.train_lines},valid={hp.val_lines}" + ("" if paper_files(hp) else f",test={hp.test_lines}")
+    splits = f"train={hp.train_lines},valid={hp.val_lines}" + ("" if paper_test else f",test={hp.test_lines}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multiplication.py")
     command = [sys.executable, script, "--digits", hp.task, "--per-line", str(hp.per_line), "--splits", splits,
                "--out-dir", hp.data_dir, "--seed", str(hp.data_seed)] + (["--exclude", *exclude] if exclude else [])
