@@ -407,8 +407,8 @@ def make_block_masks(inputs, eos_token, block_size, long_window_blocks):
 
     num_blocks = inputs.size(0) // block_size
     block_idx = torch.arange(num_blocks, dtype=torch.int32, device=inputs.device)
-    first_doc = docs.view(num_blocks, block_size)[:, 0]
-    last_doc = docs.view(num_blocks, block_size)[:, -1]
+    block_docs = docs.view(num_blocks, block_size)
+    first_doc, last_doc = block_docs[:, 0], block_docs[:, -1]
     any_causal = block_idx[:, None] >= block_idx[None, :]
     all_causal = block_idx[:, None] > block_idx[None, :]
     any_same_doc = (first_doc[:, None] <= last_doc[None, :]) & (last_doc[:, None] >= first_doc[None, :])
