@@ -805,7 +805,7 @@ def find_shards(pattern, kind):
 
 def steps_in_shard(num_tokens, step_tokens):
     """Whole steps a shard provides: a step reads step_tokens + 1 consecutive tokens (inputs and shifted targets)."""
-    return 0 if num_tokens < step_tokens + 1 else (num_tokens - step_tokens - 1) // step_tokens + 1
+    return max(0, (num_tokens - 1) // step_tokens)
 
 
 def check_train_data(files, args):
