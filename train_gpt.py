@@ -827,21 +827,23 @@ def to_device(tokens, device):
     return pair
 
 
-def train_batches(files, args, rank, world_size, device):
-    """Yields (inputs, targets) per micro-step. Step s reads the next step_tokens (+1) tokens of the stream; its
-    micro-batch j covers tokens [j*T, (j+1)*T + 1) of that window and rank r takes micro-batches
+def rank_micro_batches(tokens, args, rank, world_size):
+    """This rank's micro-batches of a token stream (T + 1 tokens each). Step s reads the next step_tokens (+1)
+    tokens; its micro-batch j covers tokens [j*T, (j+1)*T + 1) of that window and rank r takes micro-batches
     r*A .. r*A + A-1 (A = micro-steps per rank): the same tokens per step for any world size."""
-    seq_len = args.micro_batch_tokens
-    per_rank = args.micro_batches_per_step // world_size
-    step_tokens = args.step_tokens
+    seq_len, per_rank, step_tokens = args.micro_batch_tokens, args.micro_batches_per_step // world_size, args.step_tokens
+    for pos in range(0, steps_in_shard(len(tokens), step_tokens) * step_tokens, step_tokens):
+        for micro in range(per_rank):
+            start = pos + (rank * per_rank + micro) * seq_len
+            yield tokens[start:start + seq_len + 1]
+
+
+def train_batches(files, args, rank, world_size, device):
+    """Yields (inputs, targets) per micro-step, shard after shard (see rank_micro_batches)."""
     for path in files:
-        tokens = load_shard(path)
-        for pos in range(0, steps_in_shard(len(tokens), step_tokens) * step_tokens, step_tokens):
-            for micro in range(per_rank):
-                start = pos + (rank * per_rank + micro) * seq_len
-                chunk = tokens[start:start + seq_len + 1]
-                check_token_range(chunk, args.vocab_size, path)
-                yield to_device(chunk, device)
+        for chunk in rank_micro_batches(load_shard(path), args, rank, world_size):
+            check_token_range(chunk, args.vocab_size, path)
+            yield to_device(chunk, device)
 
 
 def load_val_tokens(files, args):
@@ -1007,17 +1009,12 @@ def main(argv):
     @torch.no_grad()
     def evaluate(step):
         window = window_tensor(step)
-        seq_len = args.micro_batch_tokens
         total = torch.zeros((), dtype=torch.float64, device=device)
-        num_micro = args.val_tokens // seq_len
-        for val_step in range(num_micro // args.micro_batches_per_step):
-            for micro in range(micro_steps):  # the same partition of micro-batches over ranks as in training
-                j = val_step * args.micro_batches_per_step + rank * micro_steps + micro
-                chunk = val_tokens[j * seq_len:(j + 1) * seq_len + 1]
-                total += run_model(*to_device(chunk, device), window)
+        for chunk in rank_micro_batches(val_tokens, args, rank, world_size):  # the same partition as in training
+            total += run_model(*to_device(chunk, device), window)
         if world_size > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return (total / num_micro).item()
+        return (total / (args.val_tokens // args.micro_batch_tokens)).item()
 
     # untimed warm-up on random tokens (compiles the kernels), then restore weights and optimizer state
     if args.warmup_steps > 0:
