@@ -753,12 +753,12 @@ class AdamW(Snapshots):
                 state["exp_avg"].lerp_(grad, 1 - self.beta1)
                 state["exp_avg_sq"].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
                 bias1, bias2 = 1 - self.beta1 ** state["step"], 1 - self.beta2 ** state["step"]
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(self.eps)
-                update = state["exp_avg"] / denom * (lr / bias1)
+                denom = state["exp_avg_sq"].sqrt().div_(math.sqrt(bias2)).add_(self.eps)
+                update = torch.div(state["exp_avg"], denom, out=denom).mul_(lr / bias1)  # one temporary, reused
                 if p.dtype == torch.float32:
                     p.sub_(update)
                 else:
-                    p.copy_(p.float() - update)
+                    p.copy_(p.float().sub_(update))
 
 
 # ---- Data ----
