@@ -1,0 +1,158 @@
+"""CUDA tests of train_gpt.py at real shapes: kernels against their references, compiled against eager, and a
+1-process NCCL run of the tiny preset. Skipped without a GPU.
+
+    python -m pytest -q -s tests/gpu/test_gpu_train_gpt.py     # -s shows the X @ X^T timings
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cuda_generator(seed=0):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def test_softcap_ce_kernel_matches_reference_on_a_full_micro_batch():
+    """65536 x 50304 bf16 logits, in chunks of 8192 rows as the model computes them."""
+    generator = cuda_generator()
+    for chunk in range(8):
+        logits = (10 * torch.randn(8192, 50304, device="cuda", generator=generator)).bfloat16()
+        targets = torch.randint(0, 50304, (8192,), device="cuda", generator=generator)
+        ref, out = logits.clone(), logits.clone()
+        loss_ref = tg.softcap_ce_rows_reference(ref, targets, 15.0, 1 / 65536, True)
+        loss = tg.softcap_ce_rows_triton(out, targets, 15.0, 1 / 65536, True)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-9)
+        assert out.float().abs().sum() > 0
+        untouched = logits.clone()
+        torch.testing.assert_close(tg.softcap_ce_rows_triton(untouched, targets, 15.0, 1.0, False), loss_ref)
+        assert torch.equal(untouched, logits)
+
+
+XXT_SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024), (3, 1024, 1024)]
+
+
+@pytest.mark.parametrize("shape", XXT_SHAPES)
+def test_xxt_kernel_matches_reference(shape):
+    x = torch.randn(*shape, device="cuda", generator=cuda_generator()).bfloat16()
+    expected = (x.double() @ x.double().mT).float()
+    torch.testing.assert_close(tg.xxt_triton(x).float(), expected, rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(tg.xxt_triton(x.mT.contiguous().mT).float(), expected, rtol=2e-2, atol=0.5)  # strided
+
+
+def milliseconds(fn, repeats=50):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def test_xxt_kernel_is_not_slower_than_cublas():
+    """Prints the time of every tile candidate next to cuBLAS (keep the fastest in XXT_TILES, with the numbers in
+    records/); fails if the chosen tiles are slower than a plain cuBLAS matmul."""
+    candidates = [dict(block_m=m, block_k=k, num_warps=w, num_stages=s)
+                  for m, k, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)]]
+    for shape in [(1024, 1024), (1024, 4096)]:
+        x = torch.randn(*shape, device="cuda", generator=cuda_generator()).bfloat16()
+        cublas = milliseconds(lambda: x @ x.mT)
+        print(f"\nX @ X^T {shape}: cuBLAS {cublas:.4f} ms")
+        for tiles in candidates:
+            print(f"  {tiles}: {milliseconds(lambda: tg.xxt_triton(x, **tiles)):.4f} ms")
+        chosen = milliseconds(lambda: tg.xxt_triton(x))
+        print(f"  chosen {tg.XXT_TILES}: {chosen:.4f} ms")
+        assert chosen <= 1.05 * cublas, (shape, chosen, cublas)
+
+
+def test_newton_schulz_on_gpu_orthogonalises():
+    grad = torch.randn(4096, 1024, device="cuda", generator=cuda_generator())
+    singular_values = torch.linalg.svdvals(tg.newton_schulz(grad).float())
+    assert singular_values.min() > 0.55 and singular_values.max() < 1.25
+
+
+def test_compiled_muon_update_matches_eager():
+    results = []
+    for update in (tg.muon_update, torch.compile(tg.muon_update, dynamic=False)):
+        weight = (0.02 * torch.randn(4096, 1024, device="cuda", generator=cuda_generator(1))).bfloat16()
+        buffer, low_bits = torch.zeros(4096, 1024, device="cuda"), torch.zeros(4096, 1024, dtype=torch.int16, device="cuda")
+        for step in range(3):
+            grad = torch.randn(4096, 1024, device="cuda", generator=cuda_generator(10 + step)).bfloat16()
+            update(weight, grad, buffer, low_bits, torch.tensor([0.9, 0.02], device="cuda"), 2.0, 0.02)
+        results.append(tg.join_master(weight, low_bits))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-5)
+
+
+def dense_reference_mask(docs, block_size, window_blocks):
+    positions = torch.arange(len(docs), device=docs.device)
+    q, kv = positions[:, None], positions[None, :]
+    return (q >= kv) & (docs[q] == docs[kv]) & (q // block_size - kv // block_size < window_blocks)
+
+
+def test_compiled_flex_attention_with_document_masks_matches_dense_attention():
+    generator = cuda_generator()
+    seq_len, eos = 8192, 50256
+    inputs = torch.randint(0, 50257, (seq_len,), device="cuda", generator=generator)
+    inputs[torch.rand(seq_len, device="cuda", generator=generator) < 0.002] = eos
+    long_mask, short_mask = tg.make_block_masks(inputs, eos, 128, torch.tensor(8, dtype=torch.int32, device="cuda"))
+    q, k, v = torch.randn(3, 1, 8, seq_len, 128, device="cuda", generator=generator).bfloat16()
+    docs = (inputs == eos).cumsum(0)
+    for mask, window in [(long_mask, 8), (short_mask, 4)]:
+        flex = tg.compiled_flex_attention(q, k, v, block_mask=mask, scale=0.12)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=dense_reference_mask(docs, 128, window), scale=0.12)
+        torch.testing.assert_close(flex.float(), dense, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_model_forward_and_backward_match_eager():
+    """Tiny preset dimensions on CUDA; the zero-initialised head and output projections are filled first so that
+    every gradient is non-zero."""
+    args = tg.parse_args(["--preset=tiny"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = tg.build_model(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                tg.uniform_(p, p.size(-1))
+    tokens = torch.randint(0, 50257, (args.micro_batch_tokens + 1,), device="cuda", generator=cuda_generator())
+    tokens[::97] = args.eos_token
+    inputs, targets = tokens[:-1].int(), tokens[1:].long()
+    window = torch.tensor(3, dtype=torch.int32, device="cuda")
+    results = []
+    for run in (model, torch.compile(model, dynamic=False)):
+        model.zero_grad(set_to_none=True)
+        loss = run(inputs, targets, window)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.float().clone() for name, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=1e-2)
+    for name, grad in eager_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert (compiled_grads[name] - grad).norm() < 0.05 * grad.norm() + 1e-6, name
+
+
+def test_tiny_preset_as_one_nccl_process(tmp_path):
+    """torchrun with one process: NCCL process group, compiled model, synthetic data (or FineWeb if present)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(REPO_ROOT / "train_gpt.py"), "--preset=tiny", f"--log_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log_text = next(tmp_path.glob("*.txt")).read_text()
+    assert "CUDA none" not in log_text and "peak memory allocated:" in log_text
+    losses = [float(v) for v in re.findall(r"^step:\d+/\d+ val_loss:(\d+\.\d{6}) ", log_text, re.M)]
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.5
