@@ -215,3 +215,112 @@ def test_downloaded_garbage_is_an_error(cached, tmp_path, monkeypatch):
 def test_download_rejects_impossible_shard_count(cached, tmp_path):
     with pytest.raises(SystemExit, match="between 0 and 103"):
         cached.download_shards(104, tmp_path)
+
+
+# ---- Synthetic shards (data/synthetic.py) ----
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from data.synthetic import write_synthetic_shards
+    out = tmp_path_factory.mktemp("synthetic")
+    written = write_synthetic_shards(out, train_tokens=2_500_000, val_tokens=400_000, shard_tokens=1_000_000, seed=3)
+    return out, written
+
+
+def test_synthetic_shards_are_valid_fineweb_format_shards(synthetic):
+    from data.fineweb import EOT_TOKEN
+    out, written = synthetic
+    names = ["synthetic_val_000000.bin"] + [f"synthetic_train_{i:06d}.bin" for i in (1, 2, 3)]
+    assert [p.name for p in written] == names and sorted(p.name for p in out.iterdir()) == sorted(names)
+    shards = [read_shard(p) for p in written]
+    assert [len(s) for s in shards] == [400_000, 1_000_000, 1_000_000, 500_000]
+    assert [check_shard_header(p) for p in written] == [400_000, 1_000_000, 1_000_000, 500_000]
+    for stream in (shards[0], np.concatenate(shards[1:])):
+        assert stream.max() < 50257  # the GPT-2 vocabulary, not just uint16
+        starts = np.flatnonzero(stream == EOT_TOKEN)
+        assert starts[0] == 0  # every stream opens a document
+        lengths = np.diff(starts)
+        assert lengths.min() >= 2  # the separator is followed by content, never doubled
+        # Heavy-tailed lengths around FineWeb's scale: median ~600, mean ~1000, some documents far longer.
+        assert 500 < np.median(lengths) < 700 and 850 < lengths.mean() < 1150
+        assert np.percentile(lengths, 99) > 4 * lengths.mean()
+
+
+def test_synthetic_structure_is_learnable_by_a_bigram_model(synthetic):
+    """A bigram model fitted on train predicts val far better than the unigram entropy allows."""
+    _, written = synthetic
+    fit = read_shard(written[1]).astype(np.int64)
+    held_out = read_shard(written[0]).astype(np.int64)
+    vocab = 50257
+    unigram = np.bincount(fit, minlength=vocab) + 0.5
+    unigram /= unigram.sum()
+    unigram_entropy = -(unigram * np.log(unigram)).sum()
+    pair_keys, pair_counts = np.unique(fit[:-1] * vocab + fit[1:], return_counts=True)
+    previous_counts = np.bincount(fit[:-1], minlength=vocab)
+    keys = held_out[:-1] * vocab + held_out[1:]
+    index = np.minimum(np.searchsorted(pair_keys, keys), len(pair_keys) - 1)
+    counts = np.where(pair_keys[index] == keys, pair_counts[index], 0)
+    # Bigram counts smoothed towards the unigram (Dirichlet prior of weight 1).
+    bigram = (counts + unigram[held_out[1:]]) / (previous_counts[held_out[:-1]] + 1)
+    cross_entropy = -np.log(bigram).mean()
+    assert unigram_entropy > 5.5  # Zipf over tens of thousands of tokens, not a handful
+    assert cross_entropy < unigram_entropy - 3, (cross_entropy, unigram_entropy)
+
+
+def test_synthetic_stream_is_deterministic_and_independent_of_shard_size(synthetic, tmp_path):
+    from data.synthetic import write_synthetic_shards
+    _, reference = synthetic
+    reference_train = np.concatenate([read_shard(p) for p in reference[1:]])
+    same = write_synthetic_shards(tmp_path / "same", 1_200_000, 400_000, shard_tokens=700_000, seed=3)
+    assert read_shard(same[0]).tobytes() == read_shard(reference[0]).tobytes()
+    np.testing.assert_array_equal(np.concatenate([read_shard(p) for p in same[1:]]), reference_train[:1_200_000])
+    other = write_synthetic_shards(tmp_path / "other", 1_200_000, 400_000, shard_tokens=700_000, seed=4)
+    assert (read_shard(other[1]) != reference_train[:700_000]).mean() > 0.9
+    # Val and train are different streams of the same chain.
+    assert (read_shard(reference[0]) != reference_train[:400_000]).mean() > 0.9
+
+
+def test_synthetic_refuses_existing_shards_and_bad_sizes(tmp_path):
+    from data.synthetic import write_synthetic_shards
+    write_shard(tmp_path / "synthetic_train_000004.bin", [1, 2])
+    with pytest.raises(ValueError, match="already holds shards \\(synthetic_train_000004.bin"):
+        write_synthetic_shards(tmp_path, 10, 10)
+    for sizes, message in [((0, 10, 10), "train_tokens must be a positive integer, got 0"),
+                           ((10, -1, 10), "val_tokens must be a positive integer, got -1"),
+                           ((10, 10, 0), "shard_tokens must be a positive integer, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            write_synthetic_shards(tmp_path / "new", *sizes)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="cannot create the output directory .*a_file/sub"):
+        write_synthetic_shards(tmp_path / "a_file" / "sub", 10, 10)
+
+
+def test_synthetic_command_line(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from data.synthetic import main
+    script = Path(__file__).resolve().parents[1] / "data" / "synthetic.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "a"), "--train-tokens", "5000",
+                             "--val_tokens=300", "--shard_tokens", "2000", "--seed", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 5000 train + 300 val synthetic tokens (seed 1) in 4 shards" in result.stdout
+    assert [check_shard_header(tmp_path / "a" / f"synthetic_train_{i:06d}.bin") for i in (1, 2, 3)] == [2000, 2000,
+                                                                                                        1000]
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    for option in ("--train_tokens", "--train-tokens", "--val_tokens", "--shard_tokens", "--seed", "--out"):
+        assert option in help_text
+    assert "default: 10000000" in help_text and "default: 1000000)" in help_text
+    out = ["--out", str(tmp_path / "b"), "--val_tokens", "10"]  # where a broken check would write, small
+    for argv, message in [(out + ["--train_tokens", "9", "--seed", "1", "--seed=2"], "argument --seed: given twice"),
+                          (out + ["--train_tokens", "5", "--train-tokens", "6"],
+                           "argument --train_tokens: given twice"),
+                          (["--val_tokens", "many"], "argument --val_tokens/--val-tokens: invalid int value"),
+                          (out + ["--train_tok", "5"], "unrecognized arguments: --train_tok"),
+                          (["--out", str(tmp_path / "a")], "already holds shards")]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
