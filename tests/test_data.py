@@ -1,5 +1,7 @@
 """data/: shard format round trip, corruption reports, local tokenisation, download helper."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,40 @@ def test_tokenise_local_jsonl_into_shards(tmp_path, gpt2):
     assert decoded == texts
 
 
+OFFLINE_TOKENISE = """
+import sys
+import tiktoken.load
+
+def offline(blobpath):
+    raise ConnectionError(f"no network for {blobpath}")
+
+tiktoken.load.read_file = offline  # the download path fails as it does on a machine without a network
+sys.path.insert(0, "data")
+import fineweb
+fineweb.main(sys.argv[1:])
+"""
+
+
+def test_missing_gpt2_encoding_fails_once_with_a_clear_message(tmp_path):
+    """No network and an empty tiktoken cache: one error before any worker starts, not a pool respawning
+    failing workers forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    _write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
+    (tmp_path / "empty_cache").mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"))
+    result = subprocess.run([sys.executable, "-c", OFFLINE_TOKENISE, "--input", str(tmp_path / "docs.jsonl"),
+                             "--out", str(tmp_path / "out"), "--workers", "2"], capture_output=True, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr
+    assert "error: cannot load the GPT-2 encoding (ConnectionError: no network for https://" in result.stderr
+    assert "TIKTOKEN_CACHE_DIR" in result.stderr  # the fix: a cache that holds the encoding
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_train_shards_stops_early(tmp_path):
     from data.fineweb import tokenize_to_shards
     written = tokenize_to_shards(DOCUMENTS * 4, tmp_path, val_tokens=10, shard_tokens=10, max_train_shards=2,
@@ -147,23 +183,31 @@ def test_hub_input_streams_fineweb_sample_10bt(tmp_path, monkeypatch):
     assert (stream == EOT_TOKEN).sum() == len(DOCUMENTS)
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+def assert_user_error(capsys, main, argv, message):
+    """main(argv) ends with exit code 2 and one error message (matching the regex `message`), no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
     from data.fineweb import main
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": 3}\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:3: expected a JSON object with a string field \"text\""):
-        main(["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"],
+                      r"bad.jsonl:3: expected a JSON object with a string field \"text\"")
     path.write_text('{"text": "fine"}\n{"text": "unterminated}\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
-        main(["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"],
+                      r"bad.jsonl:2: malformed JSON")
 
 
-def test_input_too_small_for_a_train_shard(tmp_path):
+def test_input_too_small_for_a_train_shard(tmp_path, capsys):
     from data.fineweb import main
     _write_jsonl(tmp_path / "small.jsonl", ["tiny"])
-    with pytest.raises(SystemExit, match="only 2 tokens.*no training shard"):
-        main(["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"), "--val_tokens", "100",
-              "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"),
+                                     "--val_tokens", "100", "--workers", "1"], "only 2 tokens.*no training shard")
 
 
 # ---- Download helper (the hub client is replaced by a fake: no network here) ----
@@ -319,8 +363,4 @@ def test_synthetic_command_line(tmp_path, capsys):
                           (["--val_tokens", "many"], "argument --val_tokens/--val-tokens: invalid int value"),
                           (out + ["--train_tok", "5"], "unrecognized arguments: --train_tok"),
                           (["--out", str(tmp_path / "a")], "already holds shards")]:
-        with pytest.raises(SystemExit) as info:
-            main(argv)
-        assert info.value.code == 2
-        err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert_user_error(capsys, main, argv, re.escape(message))
