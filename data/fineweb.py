@@ -54,7 +54,7 @@ def write_shard(path, tokens):
     # Write to a temporary name, then rename, so an interrupted run never leaves a half shard.
     with open(tmp_path, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+        np.asarray(tokens, dtype="<u2").tofile(f)  # no copy when tokens are uint16 already
     os.replace(tmp_path, path)
 
 
@@ -157,9 +157,19 @@ _encoding = None
 
 
 def _load_encoding():
+    """Load the GPT-2 encoding once per process (the parent first, so that a failure is one error)."""
     global _encoding
+    if _encoding is not None:
+        return
     import tiktoken
-    _encoding = tiktoken.get_encoding("gpt2")
+    try:
+        _encoding = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads the encoding on first use: network, proxy or cache errors
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} does not hold it" if cache else "TIKTOKEN_CACHE_DIR is not set"
+        raise ValueError(f"cannot load the GPT-2 encoding ({type(e).__name__}: {e}); tiktoken downloads it on "
+                         f"first use and {where}. Connect to the network once, or point TIKTOKEN_CACHE_DIR "
+                         f"at a directory holding tiktoken's gpt2 cache files") from None
 
 
 def tokenize_document(text):
@@ -188,11 +198,13 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Shards left from another run would silently mix two datasets.
     existing = sorted(p.name for p in out_dir.glob("fineweb_*.bin"))
     if existing:
         raise ValueError(f"{out_dir} already holds shards ({existing[0]} ...); remove them or choose another --out")
+    # Here, not only in the workers: a pool replaces a worker whose initializer fails, forever.
+    _load_encoding()
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     shard_index = 0
     buffer = np.empty(val_tokens, dtype=np.uint16)
@@ -258,7 +270,7 @@ def main(argv=None):
         written = tokenize_to_shards(documents, args.out, args.val_tokens, args.shard_tokens,
                                      args.max_train_shards, args.workers, expected)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        parser.error(str(e))  # one message, exit code 2
     print(f"wrote {len(written)} shards to {args.out}: {written[0].name} ... {written[-1].name}")
 
 
