@@ -2,6 +2,7 @@
 DDP / Muon-sharding equivalence, block masks, kernels vs references, data errors, and the full config's size."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,11 +133,77 @@ def test_warmup_restores_weights_and_optimizer_state(tiny_runs):
         torch.testing.assert_close(without["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_world_size_not_dividing_micro_batches_is_an_error(tiny_data, tmp_path):
-    result = run_script(tiny_args(tiny_data), tmp_path, env_extra=dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"),
-                        check=False)
-    assert result.returncode != 0
-    assert "world size 3 does not divide micro_batches_per_step=2" in result.stderr
+def test_world_size_not_dividing_micro_batches_is_one_error_on_rank_0(tiny_data, tmp_path):
+    for rank in (0, 1):
+        result = run_script(tiny_args(tiny_data), tmp_path, check=False,
+                            env_extra=dict(WORLD_SIZE="3", RANK=str(rank), LOCAL_RANK=str(rank)))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        if rank == 0:
+            assert result.stderr.startswith(
+                "train_gpt.py: error: invalid configuration:\n  world size 3 does not divide micro_batches_per_step=2: "
+                "the valid process counts are 1, 2; e.g. torchrun --standalone --nproc_per_node=2 train_gpt.py\n")
+            assert result.stderr.count("world size 3 does not divide") == 1
+        else:
+            assert result.stderr == ""
+
+
+def test_tiny_preset_without_shards_writes_a_synthetic_set_once(tmp_path, monkeypatch):
+    """A fresh clone (the script and data/ only, no shards): the tiny preset writes a small synthetic set under data/
+    once, says so, and learns; with FineWeb shards present it uses them instead."""
+    (tmp_path / "data").mkdir()
+    for name in ("synthetic.py", "fineweb.py"):
+        shutil.copy(REPO_ROOT / "data" / name, tmp_path / "data" / name)
+    shutil.copy(SCRIPT, tmp_path / "train_gpt.py")
+    result = subprocess.run([sys.executable, "train_gpt.py", "--preset=tiny", "--num_iterations=3", "--val_every=3",
+                             "--warmup_steps=0"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = ("no FineWeb shards at data/fineweb10B/fineweb_train_*.bin: training on the synthetic set "
+            "data/synthetic_tiny/ (written once by `python data/synthetic.py --out data/synthetic_tiny")
+    assert result.stdout.count(note) == 1 and note in read_log(tmp_path)
+    losses = val_losses(read_log(tmp_path))
+    assert [s for s, _ in losses] == [0, 3] and losses[1][1] < losses[0][1] - 0.1  # measured: 10.83 -> 10.59
+    shards = sorted((tmp_path / "data" / "synthetic_tiny").glob("*.bin"))
+    assert [p.name for p in shards] == ["synthetic_train_000001.bin", "synthetic_train_000002.bin", "synthetic_val_000000.bin"]
+    written = [p.stat().st_mtime_ns for p in shards]
+    monkeypatch.chdir(tmp_path)
+    args = tg.parse_args(["--preset=tiny"])
+    assert tg.use_synthetic_data(args, rank=0, world_size=1).startswith(note)  # the second run reuses the set
+    assert [p.stat().st_mtime_ns for p in shards] == written
+    assert args.train_files == "data/synthetic_tiny/synthetic_train_*.bin"
+    (tmp_path / "data" / "fineweb10B").mkdir()
+    (tmp_path / "data" / "fineweb10B" / "fineweb_train_000001.bin").write_bytes(b"")
+    args = tg.parse_args(["--preset=tiny"])
+    assert tg.use_synthetic_data(args, rank=0, world_size=1) is None and args == tg.parse_args(["--preset=tiny"])
+
+
+def test_nan_loss_stops_the_run_with_one_error(tiny_data, tmp_path):
+    result = run_script(tiny_args(tiny_data, "--scalar_lr=nan"), tmp_path, check=False)  # NaN scalars after step 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = re.fullmatch(r"train_gpt.py: error: (step:\d+/40 train loss is nan: stopping the run .*)\n", result.stderr)
+    assert error, result.stderr
+    log_text = read_log(tmp_path)
+    assert log_text.rstrip().endswith(error.group(1))  # the log says so too, as its last line
+    assert int(error.group(1).split(":")[1].split("/")[0]) <= 3  # at once, not at the next validation
+
+
+def test_unwritable_log_dir_is_one_error_before_training(tiny_data, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_script(tiny_args(tiny_data, f"--log_dir={tmp_path}/a_file/logs"), tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.startswith(f"train_gpt.py: error: cannot write the run log '{tmp_path}/a_file/logs/gpt_tiny_")
+    assert "choose a writable --log_dir" in result.stderr
+
+
+def test_stop_after_steps_times_the_full_schedule_and_reports_throughput(tiny_data, tmp_path):
+    run_script(tiny_args(tiny_data, "--stop_after_steps=3"), tmp_path)
+    log_text = read_log(tmp_path)
+    assert f"stop_after_steps=3: stopping after step 3 of {STEPS}" in log_text
+    assert [line for line in log_text.splitlines() if re.match(r"step:\d+/", line)] [-1].startswith(f"step:3/{STEPS} ")
+    assert val_losses(log_text) == val_losses(log_text)[:1]  # step 0 only: no final validation
+    assert re.search(r"^timed steps: 3 \(1024 tokens each\) tokens_per_s:\d+ ms_per_step:\d+\.\d\d mfu:n/a$", log_text, re.M)
+    assert re.search(r"^warm-up \(2 steps, compilation included\): \d+\.\ds$", log_text, re.M)
+    assert re.search(r"^peak memory: max RSS \d+ MiB", log_text, re.M)
 
 
 # ---- Configuration ----
@@ -685,6 +752,28 @@ def test_token_ids_outside_the_vocabulary_are_named_when_a_shard_is_opened(tmp_p
         tg.check_train_data([str(tmp_path / "bad_train_000001.bin")], args)
     with pytest.raises(tg.UserError, match=message.format("val_000000")):
         tg.load_val_tokens([str(tmp_path / "bad_val_000000.bin")], args)
+
+
+def test_validation_reads_val_seq_len_sequences_split_between_ranks(tiny_data):
+    """The record's measurement: val_tokens read as val_seq_len-token sequences (longer than the training
+    micro-batches: the rotary tables cover them), rank r of W taking sequence r of every W; the mean over all."""
+    args = tg.parse_args(tiny_args(tiny_data))
+    assert (args.val_seq_len, args.micro_batch_tokens, args.val_tokens) == (1024, 512, 2048)
+    val_tokens = tg.load_val_tokens([str(tiny_data / "tiny_val_000000.bin")], args)
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    window = torch.tensor(3, dtype=torch.int32)
+    mean = tg.evaluate(model, val_tokens, args, 0, 1, window, torch.device("cpu"))
+    assert [len(inputs) for inputs in seen] == [1024, 1024]
+    assert torch.equal(torch.cat(seen), torch.from_numpy(val_tokens[:-1].astype(np.int32)))
+    sequence_losses = [model(torch.from_numpy(val_tokens[i:i + 1024].astype(np.int32)),
+                             torch.from_numpy(val_tokens[i + 1:i + 1025].astype(np.int64)), window).item()
+                       for i in (0, 1024)]
+    assert mean == pytest.approx(sum(sequence_losses) / 2, rel=1e-6)
+    ranks = [[chunk[:-1] for chunk in tg.rank_sequences(val_tokens, 1024, 1, rank, 2)] for rank in (0, 1)]
+    assert [len(r) for r in ranks] == [1, 1] and np.array_equal(np.concatenate(ranks[0] + ranks[1]), val_tokens[:-1])
 
 
 def test_train_batches_split_each_step_between_ranks(tiny_data):
