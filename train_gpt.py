@@ -8,6 +8,7 @@ Triton kernels for the soft-capped cross-entropy and for the symmetric X @ X^T o
     torchrun --standalone --nproc_per_node=8 train_gpt.py            # the record configuration
     python train_gpt.py --preset tiny                               # CPU smoke run through the same code
     python train_gpt.py --help                                      # every hyperparameter, with its default
+    torchrun --standalone --nproc_per_node=1 train_gpt.py --stop_after_steps=30   # timed check: ms/step, MFU, memory
 
 Copy this file to records/<track>/<attempt>/ to try an idea; data paths resolve against the working directory.
 """

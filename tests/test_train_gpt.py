@@ -239,6 +239,13 @@ def test_command_line_help_and_errors(tmp_path):
     assert result.stderr.strip() == "train_gpt.py: error: argument --num_layers/--num-layers: invalid int value: 'x'"
 
 
+def test_allocator_setting_comes_before_torch():
+    """expandable_segments is read when CUDA initialises: the script sets it before importing torch."""
+    source = SCRIPT.read_text()
+    assert source.index('os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")') < source.index("import torch")
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+
+
 def test_check_config_rejects_impossible_settings():
     full = tg.Hyperparameters()
     for world_size in (1, 2, 4, 8):
