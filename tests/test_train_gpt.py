@@ -455,6 +455,27 @@ def test_muon_step_is_the_record_update():
             expected[p] = master  # the next step starts from the weights actually reached
 
 
+def muon_update_change(update, shape, device, steps=3):
+    """The weight change (fp32 master) that `update` makes over a few steps of random gradients."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight = (0.02 * torch.randn(shape, device=device, generator=generator)).bfloat16()
+    start = weight.float()
+    buffer, low_bits = torch.zeros(shape, device=device), torch.zeros(shape, dtype=torch.int16, device=device)
+    for _ in range(steps):
+        grad = torch.randn(shape, device=device, generator=generator).bfloat16()
+        update(weight, grad, buffer, low_bits, torch.tensor([0.9, 0.02], device=device), 2.0, 0.02)
+    return tg.join_master(weight, low_bits) - start
+
+
+def test_compiled_muon_update_matches_eager():
+    """The Muon update runs compiled on GPUs: inductor traces it (bit views of the master halves included) and
+    computes the same change up to bf16 rounding inside Newton-Schulz (measured: 1.6% of its norm)."""
+    eager = muon_update_change(tg.muon_update, (256, 64), "cpu")
+    compiled = muon_update_change(torch.compile(tg.muon_update, dynamic=False), (256, 64), "cpu")
+    assert eager.norm() > 0.3  # measured 0.73: three steps of lr 0.02 x 2 with orthogonalised 256 x 64 updates
+    assert (compiled - eager).norm() < 0.05 * eager.norm()
+
+
 def test_newton_schulz_uses_the_record_coefficients():
     coefficients = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                     (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.test_train_gpt import muon_update_change
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -85,15 +86,10 @@ def test_newton_schulz_on_gpu_orthogonalises():
 
 
 def test_compiled_muon_update_matches_eager():
-    results = []
-    for update in (tg.muon_update, torch.compile(tg.muon_update, dynamic=False)):
-        weight = (0.02 * torch.randn(4096, 1024, device="cuda", generator=cuda_generator(1))).bfloat16()
-        buffer, low_bits = torch.zeros(4096, 1024, device="cuda"), torch.zeros(4096, 1024, dtype=torch.int16, device="cuda")
-        for step in range(3):
-            grad = torch.randn(4096, 1024, device="cuda", generator=cuda_generator(10 + step)).bfloat16()
-            update(weight, grad, buffer, low_bits, torch.tensor([0.9, 0.02], device="cuda"), 2.0, 0.02)
-        results.append(tg.join_master(weight, low_bits))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-5)
+    """At the MLP matrix shape, with the Triton X @ X^T inside the compiled graph."""
+    eager = muon_update_change(tg.muon_update, (4096, 1024), "cuda")
+    compiled = muon_update_change(torch.compile(tg.muon_update, dynamic=False), (4096, 1024), "cuda")
+    assert (compiled - eager).norm() < 0.05 * eager.norm()
 
 
 def dense_reference_mask(docs, block_size, window_blocks):
