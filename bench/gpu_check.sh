@@ -85,7 +85,9 @@ timed() {
 }
 
 synthetic_shards() {
-    if ! ls "$SYNTHETIC_DIR"/synthetic_train_*.bin >/dev/null 2>&1; then
+    # data/synthetic.py writes the val shard last: its presence means the set is complete.
+    if [[ ! -f "$SYNTHETIC_DIR/synthetic_val_000000.bin" ]]; then
+        rm -rf "$SYNTHETIC_DIR"
         "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 --val_tokens 10485760 \
             || die "writing synthetic shards into $SYNTHETIC_DIR failed"
     fi
