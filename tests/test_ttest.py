@@ -30,8 +30,9 @@ SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms 
 
 
 def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125, script=SCRIPT_TEXT,
-              run_name="gpt"):
-    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run."""
+              run_name="gpt", curve=lambda step: 3.5):
+    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run; curve(step) is
+    the val_loss of the evaluations before the last step."""
     last_step = steps if last_step is None else last_step
     lines = [script, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
              f"Hyperparameters(num_iterations={steps}, seed=7, run_name='{run_name}', log_dir='logs')",
@@ -40,7 +41,7 @@ def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, 
         ms = round(train_time_ms * step / steps)
         lines.append(f"step:{step}/{steps} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
         if step % val_every == 0 and step != steps:
-            lines.append(f"step:{step}/{steps} val_loss:3.5000 train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+            lines.append(f"step:{step}/{steps} val_loss:{curve(step):.6f} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
     if last_step == steps and val_loss is not None:
         lines.append(f"step:{steps}/{steps} val_loss:{val_loss} train_time:{train_time_ms}ms "
                      f"step_avg:{train_time_ms / steps:.2f}ms")
