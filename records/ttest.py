@@ -140,9 +140,9 @@ def one_sided_ttest(losses, threshold, alpha):
     if n < 2:
         raise ValueError(f"a t-test needs at least 2 finished runs, got {n}")
     if np.all(losses == losses[0]):
-        raise ValueError(f"all {n} final val losses are {float(losses[0])!r}: with zero variance the t-test is undefined "
-                         f"(t would be infinite). Identical results usually mean one log counted twice under two "
-                         f"names, or runs with the same seed; check the logs, or run seeds that differ")
+        raise ValueError(f"all {n} final val losses are {float(losses[0])!r}: with zero variance the t-test is "
+                         f"undefined (t would be infinite). Identical results usually mean one log counted twice "
+                         f"under two names, or runs with the same seed; check the logs, or run seeds that differ")
     sample_mean = float(losses.mean())
     sample_std = float(losses.std(ddof=1))
     result = stats.ttest_1samp(losses, threshold, alternative="less")
