@@ -20,7 +20,7 @@ The generative process (everything drawn from --seed, so the same seed gives the
   size, and a longer stream starts with the shorter one.
 
 Speed: the chain is run on BLOCK_LANES lanes at once (numpy), each lane one slice of the stream; a lane
-that starts inside a document starts from a unigram draw instead of its real predecessor (once per
+that starts inside a document starts from a Zipf draw instead of from its real predecessor (once in
 BLOCK_STEPS tokens).
 """
 
