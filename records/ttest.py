@@ -117,8 +117,8 @@ def read_runs(paths, allow_mixed=False):
         if not isinstance(run["result"], str):
             groups.setdefault(run["identity"], []).append(run["path"])
     if len(groups) > 1 and not allow_mixed:
-        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} logs ({', '.join(str(p) for p in group)})"
-                             for (code, name), group in groups.items())
+        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} log{'s' * (len(group) > 1)} "
+                             f"({', '.join(str(p) for p in group)})" for (code, name), group in groups.items())
         raise SystemExit(f"error: the logs come from {len(groups)} different scripts or configurations, which one "
                          f"test must not pool:\n{listing}\nGive the logs of one attempt only, or --allow_mixed to "
                          f"pool them anyway.")

@@ -197,7 +197,7 @@ def test_logs_of_different_scripts_are_not_pooled(tmp_path, capsys, difference):
     assert message.startswith("error: the logs come from 2 different scripts or configurations")
     assert re.search(r"script \w+, run_name gpt: 3 logs \(\S*a0.txt, \S*a1.txt, \S*a2.txt\)", message)
     expected_name = "gpt" if difference == "script" else "gpt_wider"
-    assert re.search(rf"script \w+, run_name {expected_name}: 1 logs \(\S*b0.txt\)", message)
+    assert re.search(rf"script \w+, run_name {expected_name}: 1 log \(\S*b0.txt\)", message)
     assert "b1.txt" not in message and "--allow_mixed" in message
     out = run_main(capsys, tmp_path, "--allow_mixed")
     assert "over 4 runs:\n[2.918, 2.919, 2.9185, 2.95]" in out
