@@ -50,7 +50,7 @@ def load_attempts(paths, baseline=None, allow_mixed=False):
         attempts.append({"label": "baseline", "runs": ttest.read_runs(baseline, allow_mixed), "baseline": True})
     for attempt in attempts:
         if not any(run["evals"] for run in attempt["runs"]):
-            raise SystemExit(f"error: attempt {attempt['label']}: no log has an evaluation line "
+            raise ValueError(f"attempt {attempt['label']}: no log has an evaluation line "
                              f"(step:S/T val_loss:L train_time:Xms step_avg:Yms); are these training logs?")
     return attempts
 
@@ -217,7 +217,10 @@ def main(argv=None):
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         parser.error(f"--out {out}: not writable; choose another path")
 
-    attempts = load_attempts(args.attempts, args.baseline, args.allow_mixed)
+    try:
+        attempts = load_attempts(args.attempts, args.baseline, args.allow_mixed)
+    except ValueError as e:  # a missing log, a diverged run, mixed scripts in one directory
+        parser.error(str(e))
     print(format_table([summary(attempt, args.threshold) for attempt in attempts], args.threshold))
     for attempt in attempts:
         for run in attempt["runs"]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data import assert_user_error
 from test_ttest import SCRIPT_TEXT, run_main, write_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,12 +163,11 @@ def test_single_run_and_identical_runs_have_no_p_value(tmp_path):
 def test_user_errors(logs, tmp_path, capsys):
     ours, _ = logs
     write_log(ours / "other.txt", 2.91, 1000, steps=STEPS, val_every=VAL_EVERY, script=SCRIPT_TEXT + "# changed\n")
-    with pytest.raises(SystemExit, match="2 different scripts or configurations"):
-        plot.main([str(ours), "--out", str(tmp_path / "x.png")])
+    assert_user_error(capsys, plot.main, [str(ours), "--out", str(tmp_path / "x.png")],
+                      "2 different scripts or configurations")
     (ours / "other.txt").unlink()
     (tmp_path / "file").write_text("")
     for argv, message in [(["--out", str(tmp_path / "x.pdf")], "give a .png file name"),
-                          (["--out", str(tmp_path / "file" / "x.png")], "cannot create")]:
-        with pytest.raises(SystemExit) as info:
-            plot.main([str(ours), *argv])
-        assert info.value.code == 2 and message in capsys.readouterr().err
+                          (["--out", str(tmp_path / "file" / "x.png")], "cannot create"),
+                          (["--baseline", str(tmp_path / "nope")], "nope does not exist")]:
+        assert_user_error(capsys, plot.main, [str(ours), *argv], message)
