@@ -211,16 +211,15 @@ def main(argv=None):
     if out.suffix.lower() != ".png":
         parser.error(f"--out {out}: give a .png file name")
     try:
+        attempts = load_attempts(args.attempts, args.baseline, args.allow_mixed)
+    except ValueError as e:  # a missing log, a diverged run, mixed scripts in one directory
+        parser.error(str(e))
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         parser.error(f"--out {out}: cannot create {out.parent} ({e.strerror or e})")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         parser.error(f"--out {out}: not writable; choose another path")
-
-    try:
-        attempts = load_attempts(args.attempts, args.baseline, args.allow_mixed)
-    except ValueError as e:  # a missing log, a diverged run, mixed scripts in one directory
-        parser.error(str(e))
     print(format_table([summary(attempt, args.threshold) for attempt in attempts], args.threshold))
     for attempt in attempts:
         for run in attempt["runs"]:
