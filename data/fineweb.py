@@ -54,7 +54,7 @@ def write_shard(path, tokens):
     # Write to a temporary name, then rename, so an interrupted run never leaves a half shard.
     with open(tmp_path, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+        np.asarray(tokens, dtype="<u2").tofile(f)  # no copy when tokens are uint16 already
     os.replace(tmp_path, path)
 
 
@@ -157,9 +157,19 @@ _encoding = None
 
 
 def _load_encoding():
+    """Load the GPT-2 encoding once per process (the parent first, so that a failure is one error)."""
     global _encoding
+    if _encoding is not None:
+        return
     import tiktoken
-    _encoding = tiktoken.get_encoding("gpt2")
+    try:
+        _encoding = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads the encoding on first use: network, proxy or cache errors
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} does not hold it" if cache else "TIKTOKEN_CACHE_DIR is not set"
+        raise ValueError(f"cannot load the GPT-2 encoding ({type(e).__name__}: {e}); tiktoken downloads it on "
+                         f"first use and {where}. Connect to the network once, or point TIKTOKEN_CACHE_DIR "
+                         f"at a directory holding tiktoken's gpt2 cache files") from None
 
 
 def tokenize_document(text):
@@ -168,6 +178,25 @@ def tokenize_document(text):
         _load_encoding()
     # GPT-2 ids are < 50257, so uint16 holds them; encode_ordinary treats "<|endoftext|>" in text as plain text.
     return np.array([EOT_TOKEN] + _encoding.encode_ordinary(text), dtype=np.uint16)
+
+
+def rechunk(arrays, first_tokens, tokens_per_chunk):
+    """Concatenate a stream of 1-D token arrays and cut it into uint16 arrays of first_tokens, then of
+    tokens_per_chunk each; the last one holds what is left (never empty)."""
+    buffer = np.empty(first_tokens, dtype=np.uint16)
+    filled = 0
+    for tokens in arrays:
+        while len(tokens):
+            take = min(len(tokens), len(buffer) - filled)
+            buffer[filled:filled + take] = tokens[:take]
+            filled += take
+            tokens = tokens[take:]
+            if filled == len(buffer):
+                yield buffer
+                buffer = np.empty(tokens_per_chunk, dtype=np.uint16)
+                filled = 0
+    if filled:
+        yield buffer[:filled]
 
 
 def shard_path(out_dir, index):
@@ -188,44 +217,30 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Shards left from another run would silently mix two datasets.
     existing = sorted(p.name for p in out_dir.glob("fineweb_*.bin"))
     if existing:
         raise ValueError(f"{out_dir} already holds shards ({existing[0]} ...); remove them or choose another --out")
+    # Here, not only in the workers: a pool replaces a worker whose initializer fails, forever.
+    _load_encoding()
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    shard_index = 0
-    buffer = np.empty(val_tokens, dtype=np.uint16)
-    filled = 0
-    total_tokens = 0
-    done = False
     workers = workers or os.cpu_count() or 1
     with Pool(workers, initializer=_load_encoding) as pool, \
             tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
-        for tokens in pool.imap(tokenize_document, documents, chunksize=16):
-            progress.update(len(tokens))
-            total_tokens += len(tokens)
-            while len(tokens):
-                take = min(len(tokens), len(buffer) - filled)
-                buffer[filled:filled + take] = tokens[:take]
-                filled += take
-                tokens = tokens[take:]
-                if filled == len(buffer):
-                    written.append(shard_path(out_dir, shard_index))
-                    write_shard(written[-1], buffer)
-                    shard_index += 1
-                    if max_train_shards is not None and shard_index > max_train_shards:
-                        done = True
-                        break
-                    buffer = np.empty(shard_tokens, dtype=np.uint16)
-                    filled = 0
-            if done:
+
+        def tokenized():
+            for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+                progress.update(len(tokens))
+                yield tokens
+
+        for shard_index, tokens in enumerate(rechunk(tokenized(), val_tokens, shard_tokens)):
+            written.append(shard_path(out_dir, shard_index))
+            write_shard(written[-1], tokens)
+            if max_train_shards is not None and shard_index == max_train_shards:
                 break
-    if not done and filled:
-        written.append(shard_path(out_dir, shard_index))
-        write_shard(written[-1], buffer[:filled])
-        shard_index += 1
-    if shard_index < 2:
+    if len(written) < 2:
+        total_tokens = sum(check_shard_header(path) for path in written)
         raise ValueError(f"the input has only {total_tokens} tokens, not more than --val_tokens={val_tokens}, so no "
                          f"training shard was written; give more text or lower --val_tokens")
     return written
@@ -258,7 +273,7 @@ def main(argv=None):
         written = tokenize_to_shards(documents, args.out, args.val_tokens, args.shard_tokens,
                                      args.max_train_shards, args.workers, expected)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        parser.error(str(e))  # one message, exit code 2
     print(f"wrote {len(written)} shards to {args.out}: {written[0].name} ... {written[-1].name}")
 
 

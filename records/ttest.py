@@ -1,6 +1,6 @@
 """Is the mean final validation loss of a set of runs below the record threshold?
 
-    python records/ttest.py [--threshold 2.92] [--alpha 0.05] LOG_OR_DIR...
+    python records/ttest.py [--threshold 2.92] [--alpha 0.05] [--allow_mixed] LOG_OR_DIR...
 
 Reads training logs (a directory stands for every *.txt in it) in the speedrun's format, where each
 evaluation is a line `step:S/T val_loss:L train_time:Xms step_avg:Yms`. A run's result is its
@@ -9,11 +9,18 @@ that line (an unfinished run) is listed as skipped and not counted.
 
 Prints the losses with their mean, median, std (population, ddof=0, as the public record READMEs
 report it), min and max; a one-sided one-sample t-test of H1 "mean < threshold" (the sample std in
-it uses ddof=1) with the one-sided upper confidence bound of the mean; and the same basic stats of
-the run times.
+it uses ddof=1) with the one-sided upper confidence bound of the mean; the verdict at the track's rule
+(mean < threshold at p < 0.01, records/README.md) in one line, whatever --alpha is; and the same basic
+stats of the run times.
+
+The runs of one test must come from one script and configuration: logs whose script text (the part
+above the first ==== line) or run name (run_name=... in the header) differ are not pooled; the error
+lists the groups. --allow_mixed pools them anyway. Identical losses (zero variance) are an error, not
+t = -inf.
 """
 
 import argparse
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -23,6 +30,8 @@ from scipy import stats
 
 SEPARATOR = "=" * 100  # ends the script text at the top of every log
 EVAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms")
+RUN_NAME = re.compile(r"\brun_name\s*[=:]\s*['\"]?([^'\",)\s]+)")
+RECORD_ALPHA = 0.01  # the track's rule, records/README.md
 
 
 # ---- Reading logs ----
@@ -35,43 +44,85 @@ def find_logs(paths):
         if path.is_dir():
             found = sorted(path.glob("*.txt"))
             if not found:
-                raise SystemExit(f"error: directory {path} contains no *.txt logs")
+                raise ValueError(f"directory {path} contains no *.txt logs")
             logs.extend(found)
         elif path.is_file():
             logs.append(path)
         else:
-            raise SystemExit(f"error: {path} does not exist (give log files or directories of *.txt logs)")
+            raise ValueError(f"{path} does not exist (give log files or directories of *.txt logs)")
     unique = {}
     for path in logs:
         unique.setdefault(path.resolve(), path)
     return list(unique.values())
 
 
-def final_evaluation(path):
-    """(final val_loss, final train_time in s) of one log, or a str saying why the log cannot count."""
+def read_log(path):
+    """(script text above the first separator line or None, the log lines below it)."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     # Skip the script text at the top: it may itself contain text shaped like a log line.
-    if SEPARATOR in lines:
-        lines = lines[lines.index(SEPARATOR) + 1:]
-    final, last = None, None
-    for line in lines:
-        match = EVAL_LINE.fullmatch(line.strip())
-        if match:
-            last = match
-            if match[1] == match[2]:
-                final = match
-    if final is None:
-        if last is None:
+    if SEPARATOR not in lines:
+        return None, lines
+    split = lines.index(SEPARATOR)
+    return "\n".join(lines[:split]), lines[split + 1:]
+
+
+def evaluations(lines):
+    """Every evaluation line as (step, total steps, val_loss text, train_time in s), in log order."""
+    matches = (EVAL_LINE.fullmatch(line.strip()) for line in lines)
+    return [(int(m[1]), int(m[2]), m[3], int(m[4]) / 1000) for m in matches if m]
+
+
+def run_identity(script_text, lines):
+    """What makes two logs the same attempt: a digest of the script text, and the run name if logged."""
+    code = hashlib.sha1(script_text.encode()).hexdigest()[:8] if script_text is not None else "no script text"
+    name = next((m[1] for m in map(RUN_NAME.search, lines) if m), None)
+    return code, name
+
+
+def final_result(path, evals):
+    """(final val_loss, final train_time in s) from a log's evaluations, or a str saying why it cannot count."""
+    finals = [e for e in evals if e[0] == e[1]]
+    if not finals:
+        if not evals:
             return "no evaluation line (step:S/T val_loss:L train_time:Xms step_avg:Yms) found"
-        return f"no evaluation at step T/T: unfinished run, last evaluation at step {last[1]}/{last[2]}"
+        return f"no evaluation at step T/T: unfinished run, last evaluation at step {evals[-1][0]}/{evals[-1][1]}"
+    _, _, loss_text, seconds = finals[-1]
     try:
-        loss = float(final[3])
+        loss = float(loss_text)
     except ValueError:
-        return f"final val_loss {final[3]!r} is not a number"
+        return f"final val_loss {loss_text!r} is not a number"
     if not math.isfinite(loss):
-        raise SystemExit(f"error: {path}: final val_loss is {final[3]} (the run diverged). A failed run belongs "
+        raise ValueError(f"{path}: final val_loss is {loss_text} (the run diverged). A failed run belongs "
                          f"to the attempt: do not drop it silently; move it out deliberately if it must go.")
-    return loss, int(final[4]) / 1000
+    return loss, seconds
+
+
+def final_evaluation(path):
+    """(final val_loss, final train_time in s) of one log, or a str saying why the log cannot count."""
+    return final_result(path, evaluations(read_log(path)[1]))
+
+
+def read_runs(paths, allow_mixed=False):
+    """The logs under paths as dicts (path, evals, result, identity); results of finished runs are
+    (loss, seconds), of the others a str saying why they do not count. Raises ValueError when the finished
+    runs come from different scripts or run names, unless allow_mixed, and for a missing path or a diverged run."""
+    runs = []
+    for path in find_logs(paths):
+        script_text, lines = read_log(path)
+        evals = evaluations(lines)
+        runs.append({"path": path, "evals": evals, "result": final_result(path, evals),
+                     "identity": run_identity(script_text, lines)})
+    groups = {}
+    for run in runs:
+        if not isinstance(run["result"], str):
+            groups.setdefault(run["identity"], []).append(run["path"])
+    if len(groups) > 1 and not allow_mixed:
+        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} log{'s' * (len(group) > 1)} "
+                             f"({', '.join(str(p) for p in group)})" for (code, name), group in groups.items())
+        raise ValueError(f"the logs come from {len(groups)} different scripts or configurations, which one "
+                         f"test must not pool:\n{listing}\nGive the logs of one attempt only, or --allow_mixed to "
+                         f"pool them anyway.")
+    return runs
 
 
 # ---- Statistics ----
@@ -86,6 +137,12 @@ def one_sided_ttest(losses, threshold, alpha):
     """H0: mean >= threshold against H1: mean < threshold."""
     losses = np.asarray(losses, dtype=np.float64)
     n = len(losses)
+    if n < 2:
+        raise ValueError(f"a t-test needs at least 2 finished runs, got {n}")
+    if np.all(losses == losses[0]):
+        raise ValueError(f"all {n} final val losses are {float(losses[0])!r}: with zero variance the t-test is "
+                         f"undefined (t would be infinite). Identical results usually mean one log counted twice "
+                         f"under two names, or runs with the same seed; check the logs, or run seeds that differ")
     sample_mean = float(losses.mean())
     sample_std = float(losses.std(ddof=1))
     result = stats.ttest_1samp(losses, threshold, alternative="less")
@@ -100,6 +157,14 @@ def one_sided_ttest(losses, threshold, alpha):
 
 # ---- Report ----
 
+def record_verdict(p_value, mean, threshold):
+    """One line: does the attempt meet the track's loss rule (p < RECORD_ALPHA)?"""
+    rule = f"Record verdict (track rule: mean < {threshold} at p < {RECORD_ALPHA}, records/README.md): "
+    if p_value < RECORD_ALPHA:
+        return rule + f"MET, mean {mean:.6f} is below {threshold} with p = {p_value:.3g}"
+    return rule + f"NOT MET, p = {p_value:.3g} for mean {mean:.6f} is not below {RECORD_ALPHA}"
+
+
 def format_dict(values):
     return "{\n" + ",\n".join(f"    {key!r}: {value!r}" for key, value in values.items()) + "\n}"
 
@@ -109,33 +174,45 @@ def format_stats(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("logs", nargs="+", help="log files, or directories of *.txt logs")
     parser.add_argument("--threshold", type=float, default=2.92, help="the loss to beat (default 2.92)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the t-test dict "
+                        f"(default 0.05; the record verdict always uses the track's {RECORD_ALPHA})")
+    parser.add_argument("--allow_mixed", action="store_true",
+                        help="pool logs of different scripts or run names (refused by default)")
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
-        raise SystemExit(f"error: --alpha must lie strictly between 0 and 1, got {args.alpha}")
+        parser.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
 
     losses, times, skipped = [], [], []
-    for path in find_logs(args.logs):
-        result = final_evaluation(path)
-        if isinstance(result, str):
-            skipped.append((path, result))
+    try:
+        runs = read_runs(args.logs, args.allow_mixed)
+    except ValueError as e:
+        parser.error(str(e))
+    for run in runs:
+        if isinstance(run["result"], str):
+            skipped.append((run["path"], run["result"]))
         else:
-            losses.append(result[0])
-            times.append(result[1])
-            print(f"used    {path}: val_loss {result[0]} train_time {result[1]} s")
+            losses.append(run["result"][0])
+            times.append(run["result"][1])
+            print(f"used    {run['path']}: val_loss {losses[-1]} train_time {times[-1]} s")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     if len(losses) < 2:
-        raise SystemExit(f"error: a t-test needs at least 2 finished runs, got {len(losses)} "
-                         f"({len(skipped)} skipped); run more seeds of the attempt")
+        parser.error(f"a t-test needs at least 2 finished runs, got {len(losses)} ({len(skipped)} skipped); "
+                     f"run more seeds of the attempt")
+    try:
+        test = one_sided_ttest(losses, args.threshold, args.alpha)
+    except ValueError as e:
+        parser.error(str(e))
 
     print(f"\nFinal validation losses over {len(losses)} runs:\n{losses}")
     print(f"\nBasic stats (Std = population std, ddof=0):\n{format_stats(losses)}")
     print(f"\nOne-sided t-test, H0: mean >= {args.threshold}, H1: mean < {args.threshold} "
-          f"(sample_std uses ddof=1):\n{format_dict(one_sided_ttest(losses, args.threshold, args.alpha))}")
+          f"(sample_std uses ddof=1):\n{format_dict(test)}")
+    print(record_verdict(test["p_value"], test["sample_mean"], args.threshold))
     print(f"\nRun times in seconds:\n{times}")
     print(f"\nBasic stats of the run times (Std = population std, ddof=0):\n{format_stats(times)}")
 

@@ -1,5 +1,7 @@
 """data/: shard format round trip, corruption reports, local tokenisation, download helper."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,40 @@ def test_tokenise_local_jsonl_into_shards(tmp_path, gpt2):
     assert decoded == texts
 
 
+OFFLINE_TOKENISE = """
+import sys
+import tiktoken.load
+
+def offline(blobpath):
+    raise ConnectionError(f"no network for {blobpath}")
+
+tiktoken.load.read_file = offline  # the download path fails as it does on a machine without a network
+sys.path.insert(0, "data")
+import fineweb
+fineweb.main(sys.argv[1:])
+"""
+
+
+def test_missing_gpt2_encoding_fails_once_with_a_clear_message(tmp_path):
+    """No network and an empty tiktoken cache: one error before any worker starts, not a pool respawning
+    failing workers forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    _write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
+    (tmp_path / "empty_cache").mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"))
+    result = subprocess.run([sys.executable, "-c", OFFLINE_TOKENISE, "--input", str(tmp_path / "docs.jsonl"),
+                             "--out", str(tmp_path / "out"), "--workers", "2"], capture_output=True, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr
+    assert "error: cannot load the GPT-2 encoding (ConnectionError: no network for https://" in result.stderr
+    assert "TIKTOKEN_CACHE_DIR" in result.stderr  # the fix: a cache that holds the encoding
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_train_shards_stops_early(tmp_path):
     from data.fineweb import tokenize_to_shards
     written = tokenize_to_shards(DOCUMENTS * 4, tmp_path, val_tokens=10, shard_tokens=10, max_train_shards=2,
@@ -147,23 +183,31 @@ def test_hub_input_streams_fineweb_sample_10bt(tmp_path, monkeypatch):
     assert (stream == EOT_TOKEN).sum() == len(DOCUMENTS)
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+def assert_user_error(capsys, main, argv, message):
+    """main(argv) ends with exit code 2 and one error message (matching the regex `message`), no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
     from data.fineweb import main
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": 3}\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:3: expected a JSON object with a string field \"text\""):
-        main(["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"],
+                      r"bad.jsonl:3: expected a JSON object with a string field \"text\"")
     path.write_text('{"text": "fine"}\n{"text": "unterminated}\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: malformed JSON"):
-        main(["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(path), "--out", str(tmp_path / "o"), "--workers", "1"],
+                      r"bad.jsonl:2: malformed JSON")
 
 
-def test_input_too_small_for_a_train_shard(tmp_path):
+def test_input_too_small_for_a_train_shard(tmp_path, capsys):
     from data.fineweb import main
     _write_jsonl(tmp_path / "small.jsonl", ["tiny"])
-    with pytest.raises(SystemExit, match="only 2 tokens.*no training shard"):
-        main(["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"), "--val_tokens", "100",
-              "--workers", "1"])
+    assert_user_error(capsys, main, ["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"),
+                                     "--val_tokens", "100", "--workers", "1"], "only 2 tokens.*no training shard")
 
 
 # ---- Download helper (the hub client is replaced by a fake: no network here) ----
@@ -215,3 +259,108 @@ def test_downloaded_garbage_is_an_error(cached, tmp_path, monkeypatch):
 def test_download_rejects_impossible_shard_count(cached, tmp_path):
     with pytest.raises(SystemExit, match="between 0 and 103"):
         cached.download_shards(104, tmp_path)
+
+
+# ---- Synthetic shards (data/synthetic.py) ----
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from data.synthetic import write_synthetic_shards
+    out = tmp_path_factory.mktemp("synthetic")
+    written = write_synthetic_shards(out, train_tokens=2_500_000, val_tokens=400_000, shard_tokens=1_000_000, seed=3)
+    return out, written
+
+
+def test_synthetic_shards_are_valid_fineweb_format_shards(synthetic):
+    from data.fineweb import EOT_TOKEN
+    out, written = synthetic
+    names = ["synthetic_val_000000.bin"] + [f"synthetic_train_{i:06d}.bin" for i in (1, 2, 3)]
+    assert [p.name for p in written] == names and sorted(p.name for p in out.iterdir()) == sorted(names)
+    shards = [read_shard(p) for p in written]
+    assert [len(s) for s in shards] == [400_000, 1_000_000, 1_000_000, 500_000]
+    assert [check_shard_header(p) for p in written] == [400_000, 1_000_000, 1_000_000, 500_000]
+    for stream in (shards[0], np.concatenate(shards[1:])):
+        assert stream.max() < 50257  # the GPT-2 vocabulary, not just uint16
+        starts = np.flatnonzero(stream == EOT_TOKEN)
+        assert starts[0] == 0  # every stream opens a document
+        lengths = np.diff(starts)
+        assert lengths.min() >= 2  # the separator is followed by content, never doubled
+        # Heavy-tailed lengths around FineWeb's scale: median ~600, mean ~1000, some documents far longer.
+        assert 500 < np.median(lengths) < 700 and 850 < lengths.mean() < 1150
+        assert np.percentile(lengths, 99) > 4 * lengths.mean()
+
+
+def test_synthetic_structure_is_learnable_by_a_bigram_model(synthetic):
+    """A bigram model fitted on train predicts val far better than the unigram entropy allows."""
+    _, written = synthetic
+    fit = read_shard(written[1]).astype(np.int64)
+    held_out = read_shard(written[0]).astype(np.int64)
+    vocab = 50257
+    unigram = np.bincount(fit, minlength=vocab) + 0.5
+    unigram /= unigram.sum()
+    unigram_entropy = -(unigram * np.log(unigram)).sum()
+    pair_keys, pair_counts = np.unique(fit[:-1] * vocab + fit[1:], return_counts=True)
+    previous_counts = np.bincount(fit[:-1], minlength=vocab)
+    keys = held_out[:-1] * vocab + held_out[1:]
+    index = np.minimum(np.searchsorted(pair_keys, keys), len(pair_keys) - 1)
+    counts = np.where(pair_keys[index] == keys, pair_counts[index], 0)
+    # Bigram counts smoothed towards the unigram (Dirichlet prior of weight 1).
+    bigram = (counts + unigram[held_out[1:]]) / (previous_counts[held_out[:-1]] + 1)
+    cross_entropy = -np.log(bigram).mean()
+    assert unigram_entropy > 5.5  # Zipf over tens of thousands of tokens, not a handful
+    assert cross_entropy < unigram_entropy - 3, (cross_entropy, unigram_entropy)
+
+
+def test_synthetic_stream_is_deterministic_and_independent_of_shard_size(synthetic, tmp_path):
+    from data.synthetic import write_synthetic_shards
+    _, reference = synthetic
+    reference_train = np.concatenate([read_shard(p) for p in reference[1:]])
+    same = write_synthetic_shards(tmp_path / "same", 1_200_000, 400_000, shard_tokens=700_000, seed=3)
+    assert read_shard(same[0]).tobytes() == read_shard(reference[0]).tobytes()
+    np.testing.assert_array_equal(np.concatenate([read_shard(p) for p in same[1:]]), reference_train[:1_200_000])
+    other = write_synthetic_shards(tmp_path / "other", 1_200_000, 400_000, shard_tokens=700_000, seed=4)
+    assert (read_shard(other[1]) != reference_train[:700_000]).mean() > 0.9
+    # Val and train are different streams of the same chain.
+    assert (read_shard(reference[0]) != reference_train[:400_000]).mean() > 0.9
+
+
+def test_synthetic_refuses_existing_shards_and_bad_sizes(tmp_path):
+    from data.synthetic import write_synthetic_shards
+    write_shard(tmp_path / "synthetic_train_000004.bin", [1, 2])
+    with pytest.raises(ValueError, match="already holds shards \\(synthetic_train_000004.bin"):
+        write_synthetic_shards(tmp_path, 10, 10)
+    for sizes, message in [((0, 10, 10), "train_tokens must be a positive integer, got 0"),
+                           ((10, -1, 10), "val_tokens must be a positive integer, got -1"),
+                           ((10, 10, 0), "shard_tokens must be a positive integer, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            write_synthetic_shards(tmp_path / "new", *sizes)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="cannot create the output directory .*a_file/sub"):
+        write_synthetic_shards(tmp_path / "a_file" / "sub", 10, 10)
+
+
+def test_synthetic_command_line(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from data.synthetic import main
+    script = Path(__file__).resolve().parents[1] / "data" / "synthetic.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "a"), "--train-tokens", "5000",
+                             "--val_tokens=300", "--shard_tokens", "2000", "--seed", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 5000 train + 300 val synthetic tokens (seed 1) in 4 shards" in result.stdout
+    assert [check_shard_header(tmp_path / "a" / f"synthetic_train_{i:06d}.bin") for i in (1, 2, 3)] == [2000, 2000,
+                                                                                                        1000]
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    for option in ("--train_tokens", "--train-tokens", "--val_tokens", "--shard_tokens", "--seed", "--out"):
+        assert option in help_text
+    assert "default: 10000000" in help_text and "default: 1000000)" in help_text
+    out = ["--out", str(tmp_path / "b"), "--val_tokens", "10"]  # where a broken check would write, small
+    for argv, message in [(out + ["--train_tokens", "9", "--seed", "1", "--seed=2"], "argument --seed: given twice"),
+                          (out + ["--train_tokens", "5", "--train-tokens", "6"],
+                           "argument --train_tokens: given twice"),
+                          (["--val_tokens", "many"], "argument --val_tokens/--val-tokens: invalid int value"),
+                          (out + ["--train_tok", "5"], "unrecognized arguments: --train_tok"),
+                          (["--out", str(tmp_path / "a")], "already holds shards")]:
+        assert_user_error(capsys, main, argv, re.escape(message))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from test_data import assert_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TTEST_PATH = REPO_ROOT / "records" / "ttest.py"
@@ -29,16 +30,19 @@ SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms 
               'print(f"step:{step}/{steps} val_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms")\n'
 
 
-def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125):
-    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run."""
+def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125, script=SCRIPT_TEXT,
+              run_name="gpt", curve=lambda step: 3.5):
+    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run; curve(step) is
+    the val_loss of the evaluations before the last step."""
     last_step = steps if last_step is None else last_step
-    lines = [SCRIPT_TEXT, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
-             "Hyperparameters(num_iterations=5690)", f"step:0/{steps} val_loss:10.8258 train_time:0ms step_avg:nanms"]
+    lines = [script, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
+             f"Hyperparameters(num_iterations={steps}, seed=7, run_name='{run_name}', log_dir='logs')",
+             f"step:0/{steps} val_loss:10.8258 train_time:0ms step_avg:nanms"]
     for step in range(1, last_step + 1):
         ms = round(train_time_ms * step / steps)
         lines.append(f"step:{step}/{steps} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
         if step % val_every == 0 and step != steps:
-            lines.append(f"step:{step}/{steps} val_loss:3.5000 train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+            lines.append(f"step:{step}/{steps} val_loss:{curve(step):.6f} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
     if last_step == steps and val_loss is not None:
         lines.append(f"step:{steps}/{steps} val_loss:{val_loss} train_time:{train_time_ms}ms "
                      f"step_avg:{train_time_ms / steps:.2f}ms")
@@ -81,6 +85,8 @@ def test_reproduces_seed_record_statistics(seed_logs, capsys):
                        "upper_conf_bound_mean": "2.919662383449226", "threshold": "2.92"}.items():
         assert f"    '{key}': {value},\n" in out or f"    '{key}': {value}\n" in out, key
     assert "'decision': 'REJECT H0 (mean < threshold)'" in out
+    assert ("\nRecord verdict (track rule: mean < 2.92 at p < 0.01, records/README.md): MET, mean 2.919412 is below "
+            "2.92 with p = 0.000359\n") in out
     # scipy < 1.12 prints the seed's p bit for bit; newer scipy's t CDF differs in the 16th digit.
     p_value = float(printed(out, "p_value"))
     assert p_value == pytest.approx(SEED_P_VALUE, rel=1e-14)
@@ -123,8 +129,7 @@ def test_unfinished_log_is_skipped_not_counted(tmp_path, capsys):
                      r"last evaluation at step 250/300", out)
     assert "over 2 runs:\n[2.918, 2.919]" in out and "'n': 2," in out
     (tmp_path / "done1.txt").unlink()
-    with pytest.raises(SystemExit, match="at least 2 finished runs, got 1 \\(1 skipped\\)"):
-        ttest.main([str(tmp_path)])
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "at least 2 finished runs, got 1 \\(1 skipped\\)")
 
 
 def test_public_speedrun_line_format(tmp_path):
@@ -141,11 +146,10 @@ def test_public_speedrun_line_format(tmp_path):
     assert "no evaluation line" in ttest.final_evaluation(tmp_path / "no_evals.txt")
 
 
-def test_diverged_run_is_an_error_not_dropped(tmp_path):
+def test_diverged_run_is_an_error_not_dropped(tmp_path, capsys):
     write_log(tmp_path / "nan.txt", "nan", 1000, steps=4)
     write_log(tmp_path / "ok.txt", 2.91, 1000, steps=4)
-    with pytest.raises(SystemExit, match="nan.txt: final val_loss is nan"):
-        ttest.main([str(tmp_path)])
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: final val_loss is nan")
 
 
 def test_command_line_with_directory_and_file_arguments(tmp_path):
@@ -161,4 +165,57 @@ def test_command_line_with_directory_and_file_arguments(tmp_path):
     assert "\n[1400.0, 1400.001, 1400.002]\n" in result.stdout
     missing = subprocess.run([sys.executable, str(TTEST_PATH), str(tmp_path / "nope")], capture_output=True,
                              text=True, timeout=60)
-    assert missing.returncode != 0 and "nope does not exist" in missing.stderr
+    assert missing.returncode == 2 and "error: " in missing.stderr and "nope does not exist" in missing.stderr
+
+
+def test_verdict_uses_the_track_rule_whatever_alpha(tmp_path, capsys):
+    """p between 0.01 and 0.05: the t-test dict at the default alpha rejects, the track's rule does not."""
+    losses = [2.9193, 2.9197, 2.9192, 2.9198]
+    for i, loss in enumerate(losses):
+        write_log(tmp_path / f"r{i}.txt", loss, 1000, steps=4, val_every=2)
+    p_value = float(stats.ttest_1samp(losses, 2.92, alternative="less").pvalue)
+    assert 0.01 < p_value < 0.05
+    out = run_main(capsys, tmp_path)
+    assert "'decision': 'REJECT H0 (mean < threshold)'" in out
+    verdict = [line for line in out.splitlines() if line.startswith("Record verdict")]
+    assert verdict == [f"Record verdict (track rule: mean < 2.92 at p < 0.01, records/README.md): NOT MET, "
+                       f"p = {p_value:.3g} for mean 2.919500 is not below 0.01"]
+    assert "NOT MET" in run_main(capsys, tmp_path, "--alpha", "0.2")
+
+
+@pytest.mark.parametrize("difference", ["script", "run_name"])
+def test_logs_of_different_scripts_are_not_pooled(tmp_path, capsys, difference):
+    for i, loss in enumerate([2.918, 2.919, 2.9185]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4, val_every=2)
+    other = {"script": SCRIPT_TEXT + "# tuned lr\n"} if difference == "script" else {"run_name": "gpt_wider"}
+    write_log(tmp_path / "b0.txt", 2.95, 1000, steps=4, val_every=2, **other)
+    write_log(tmp_path / "b1.txt", steps=4, last_step=3, **other)  # unfinished: not a group of its own
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "error: the logs come from 2 different scripts or "
+                                                             "configurations")
+    with pytest.raises(ValueError) as info:
+        ttest.read_runs([tmp_path])
+    message = str(info.value)
+    assert re.search(r"script \w+, run_name gpt: 3 logs \(\S*a0.txt, \S*a1.txt, \S*a2.txt\)", message)
+    expected_name = "gpt" if difference == "script" else "gpt_wider"
+    assert re.search(rf"script \w+, run_name {expected_name}: 1 log \(\S*b0.txt\)", message)
+    assert "b1.txt" not in message and "--allow_mixed" in message
+    out = run_main(capsys, tmp_path, "--allow_mixed")
+    assert "over 4 runs:\n[2.918, 2.919, 2.9185, 2.95]" in out
+
+
+def test_public_logs_without_run_name_pool_with_each_other(tmp_path, capsys):
+    for i, loss in enumerate([2.918, 2.919]):
+        (tmp_path / f"public{i}.txt").write_text(SCRIPT_TEXT + "=" * 100 + "\nRunning PyTorch 2.7.0\n" + "=" * 100
+                                                 + f"\nstep:5/5 val_loss:{loss} train_time:1000ms step_avg:200.00ms\n")
+    assert "over 2 runs" in run_main(capsys, tmp_path)
+    assert ttest.read_runs([tmp_path])[0]["identity"][1] is None
+
+
+def test_identical_losses_are_a_clear_error_not_infinite_t(tmp_path, capsys):
+    for i in range(3):
+        write_log(tmp_path / f"r{i}.txt", 2.9191, 1000, steps=4, val_every=2)
+    assert_user_error(capsys, ttest.main, [str(tmp_path)],
+                      "error: all 3 final val losses are 2.9191: with zero variance the t-test is undefined "
+                      "\\(t would be infinite\\)")
+    with pytest.raises(ValueError, match="zero variance"):
+        ttest.one_sided_ttest([2.93, 2.93], threshold=2.92, alpha=0.05)
