@@ -94,7 +94,7 @@ synthetic_shards() {
 }
 
 GPT_DATA=(--train_files "$SYNTHETIC_DIR/synthetic_train_*.bin" --val_files "$SYNTHETIC_DIR/synthetic_val_*.bin")
-GPT_RESULT='ms_per_step|tokens_per_s|mfu|peak|warm|compile|step_avg|Error|error'
+GPT_RESULT='tokens_per_s|peak memory|warm-up|Error|error'
 
 part_gpt() {
     synthetic_shards

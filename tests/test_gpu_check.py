@@ -21,7 +21,7 @@ if [[ "$*" == *record_script.py* ]]; then
     for i in 1 2 3 4 5; do echo "step:$i/5690 train_time:${i}00ms step_avg:100.00ms"; done
     exit 0
 fi
-if [[ "$*" == *train_gpt.py* ]]; then echo "ms_per_step:1900.0"; echo "mfu:0.42"; fi
+if [[ "$*" == *train_gpt.py* ]]; then echo "step:30/5690 train_time:57000ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"; fi
 if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
 exit "${FAKE_EXIT:-0}"
 """
@@ -82,8 +82,8 @@ def test_gpt_part_writes_shards_once_runs_the_full_config_and_a_summary_row(chec
     assert sum("data/synthetic.py" in line for line in check.lines()) == 1
     summary = (check.out / "summary.md").read_text().splitlines()
     assert summary[0].startswith("| part | command | exit | wall s |")
-    assert summary[2].startswith("| gpt | ") and "| 0 |" in summary[2] and "ms_per_step:1900.0" in summary[2]
-    assert "ms_per_step:1900.0" in (check.out / "gpt.log").read_text()
+    assert summary[2].startswith("| gpt | ") and "| 0 |" in summary[2] and "ms_per_step:1900.00 mfu:45.00%" in summary[2] and "step_avg" not in summary[2]
+    assert "ms_per_step:1900.00" in (check.out / "gpt.log").read_text()
     assert "H100" in (check.out / "env.txt").read_text()
     # A second run finds the shards and appends its row; a failing command is recorded and fails the check.
     result = check.run("gpt", FAKE_EXIT="3")
