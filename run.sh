@@ -11,7 +11,8 @@
 #                            multi-node: run the same command on every node with its own NODE_RANK
 #   FINEWEB_TRAIN_SHARDS=30  FineWeb train shards fetched for train_gpt.py (100M tokens each)
 #   PYTHON=python3           the interpreter to use
-#   RUN_SH_DRY_RUN=1         print the set-up and launch commands instead of running them
+#   RUN_SH_DRY_RUN=1         print the set-up and launch commands instead of running them (also without a
+#                            GPU: then it shows an NPROC-GPU node, default 8)
 #
 # Set-up on a fresh node: installs requirements.txt when torch/numpy/tiktoken/triton do not import,
 # and for scripts named train_gpt.py downloads the FineWeb shards that are missing. The script runs
@@ -71,7 +72,13 @@ if [[ "$VISIBLE_GPUS" == 0 ]]; then
     else
         reason="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES' hides the $PHYSICAL_GPUS GPU(s) nvidia-smi lists"
     fi
-    cat >&2 <<EOF
+    if [[ "$DRY_RUN" == 1 ]]; then
+        # A dry run shows what a GPU node would run, e.g. to check a command before a run on the 8-GPU node.
+        VISIBLE_GPUS="${NPROC:-8}"
+        echo "run.sh: note: no NVIDIA GPU is visible here ($reason); a real run stops here." \
+             "This dry run shows the launch on a node with NPROC=$VISIBLE_GPUS GPUs (set NPROC to change)." >&2
+    else
+        cat >&2 <<EOF
 run.sh: error: no NVIDIA GPU is visible ($reason).
 run.sh launches the multi-GPU training runs (the GPT-2 Medium record runs on 8x H100).
 Without a GPU, run the CPU smoke configurations of the same code instead:
@@ -79,7 +86,8 @@ Without a GPU, run the CPU smoke configurations of the same code instead:
   python train_icot.py all --preset tiny
   python oocl.py --preset tiny
 EOF
-    exit 1
+        exit 1
+    fi
 fi
 NPROC="${NPROC:-$VISIBLE_GPUS}"
 if (( NPROC > VISIBLE_GPUS )); then

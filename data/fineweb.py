@@ -180,6 +180,25 @@ def tokenize_document(text):
     return np.array([EOT_TOKEN] + _encoding.encode_ordinary(text), dtype=np.uint16)
 
 
+def rechunk(arrays, first_tokens, tokens_per_chunk):
+    """Concatenate a stream of 1-D token arrays and cut it into uint16 arrays of first_tokens, then of
+    tokens_per_chunk each; the last one holds what is left (never empty)."""
+    buffer = np.empty(first_tokens, dtype=np.uint16)
+    filled = 0
+    for tokens in arrays:
+        while len(tokens):
+            take = min(len(tokens), len(buffer) - filled)
+            buffer[filled:filled + take] = tokens[:take]
+            filled += take
+            tokens = tokens[take:]
+            if filled == len(buffer):
+                yield buffer
+                buffer = np.empty(tokens_per_chunk, dtype=np.uint16)
+                filled = 0
+    if filled:
+        yield buffer[:filled]
+
+
 def shard_path(out_dir, index):
     split = "val" if index == 0 else "train"
     return Path(out_dir) / f"fineweb_{split}_{index:06d}.bin"
@@ -206,38 +225,22 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     _load_encoding()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    shard_index = 0
-    buffer = np.empty(val_tokens, dtype=np.uint16)
-    filled = 0
-    total_tokens = 0
-    done = False
     workers = workers or os.cpu_count() or 1
     with Pool(workers, initializer=_load_encoding) as pool, \
             tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
-        for tokens in pool.imap(tokenize_document, documents, chunksize=16):
-            progress.update(len(tokens))
-            total_tokens += len(tokens)
-            while len(tokens):
-                take = min(len(tokens), len(buffer) - filled)
-                buffer[filled:filled + take] = tokens[:take]
-                filled += take
-                tokens = tokens[take:]
-                if filled == len(buffer):
-                    written.append(shard_path(out_dir, shard_index))
-                    write_shard(written[-1], buffer)
-                    shard_index += 1
-                    if max_train_shards is not None and shard_index > max_train_shards:
-                        done = True
-                        break
-                    buffer = np.empty(shard_tokens, dtype=np.uint16)
-                    filled = 0
-            if done:
+
+        def tokenized():
+            for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+                progress.update(len(tokens))
+                yield tokens
+
+        for shard_index, tokens in enumerate(rechunk(tokenized(), val_tokens, shard_tokens)):
+            written.append(shard_path(out_dir, shard_index))
+            write_shard(written[-1], tokens)
+            if max_train_shards is not None and shard_index == max_train_shards:
                 break
-    if not done and filled:
-        written.append(shard_path(out_dir, shard_index))
-        write_shard(written[-1], buffer[:filled])
-        shard_index += 1
-    if shard_index < 2:
+    if len(written) < 2:
+        total_tokens = sum(check_shard_header(path) for path in written)
         raise ValueError(f"the input has only {total_tokens} tokens, not more than --val_tokens={val_tokens}, so no "
                          f"training shard was written; give more text or lower --val_tokens")
     return written

@@ -20,7 +20,7 @@ The generative process (everything drawn from --seed, so the same seed gives the
   size, and a longer stream starts with the shorter one.
 
 Speed: the chain is run on BLOCK_LANES lanes at once (numpy), each lane one slice of the stream; a lane
-that starts inside a document starts from a unigram draw instead of its real predecessor (once per
+that starts inside a document starts from a Zipf draw instead of from its real predecessor (once in
 BLOCK_STEPS tokens).
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fineweb import EOT_TOKEN, write_shard  # noqa: E402  (data/fineweb.py, next to this script)
+from fineweb import EOT_TOKEN, rechunk, write_shard  # noqa: E402  (data/fineweb.py, next to this script)
 
 # ---- The generative process ----
 VOCAB_SIZE = 50257  # GPT-2; ids 0..50255 are ordinary tokens, 50256 starts every document
@@ -79,14 +79,15 @@ def document_starts(rng, offset, block_tokens):
     return np.concatenate(starts), position - block_tokens
 
 
-def iter_stream(chain, seed, stream):
-    """Yield the stream's tokens block after block (uint16 arrays of BLOCK_LANES * BLOCK_STEPS)."""
+def iter_stream(chain, seed, stream, num_tokens):
+    """Yield the stream's first num_tokens tokens, block after block (uint16 arrays of BLOCK_LANES * BLOCK_STEPS,
+    the last one cut short)."""
     successors, token_probs, slot_cdf = chain
     successors_flat = successors.ravel()
     block_tokens = BLOCK_LANES * BLOCK_STEPS
     offset = 0  # where the first document starts in the next block
     block_index = 0
-    while True:
+    while block_index * block_tokens < num_tokens:
         rng = np.random.default_rng([seed, stream, block_index])
         starts, offset = document_starts(rng, offset, block_tokens)
         # Block layout: lane j holds stream positions j * BLOCK_STEPS ... (j + 1) * BLOCK_STEPS - 1,
@@ -100,29 +101,8 @@ def iter_stream(chain, seed, stream):
         for t in range(1, BLOCK_STEPS):
             tokens[t] = successors_flat[tokens[t - 1] * SUCCESSORS + slots[t]]
             tokens[t][is_start[t]] = EOT_TOKEN
-        yield tokens.T.astype(np.uint16).ravel()
+        yield tokens.T.astype(np.uint16).ravel()[:num_tokens - block_index * block_tokens]
         block_index += 1
-
-
-def stream_chunks(chain, seed, stream, num_tokens, chunk_tokens):
-    """The first num_tokens of a stream, cut into arrays of chunk_tokens (the last may be shorter)."""
-    chunk = np.empty(min(chunk_tokens, num_tokens), dtype=np.uint16)
-    filled = 0
-    remaining = num_tokens
-    for block in iter_stream(chain, seed, stream):
-        block = block[:remaining]
-        remaining -= len(block)
-        while len(block):
-            take = min(len(block), len(chunk) - filled)
-            chunk[filled:filled + take] = block[:take]
-            filled += take
-            block = block[take:]
-            if filled == len(chunk):
-                yield chunk
-                chunk = np.empty(min(chunk_tokens, remaining + len(block)), dtype=np.uint16)
-                filled = 0
-        if remaining == 0:
-            return
 
 
 def shard_path(out_dir, index):
@@ -151,11 +131,12 @@ def write_synthetic_shards(out_dir, train_tokens, val_tokens, shard_tokens=100_0
     chain = markov_chain(seed)
     written = []
     try:
-        for index, tokens in enumerate(stream_chunks(chain, seed, TRAIN_STREAM, train_tokens, shard_tokens), 1):
+        train = iter_stream(chain, seed, TRAIN_STREAM, train_tokens)
+        for index, tokens in enumerate(rechunk(train, shard_tokens, shard_tokens), 1):
             written.append(shard_path(out_dir, index))
             write_shard(written[-1], tokens)
         written.insert(0, shard_path(out_dir, 0))
-        write_shard(written[0], next(stream_chunks(chain, seed, VAL_STREAM, val_tokens, val_tokens)))
+        write_shard(written[0], next(rechunk(iter_stream(chain, seed, VAL_STREAM, val_tokens), val_tokens, val_tokens)))
     except OSError as e:
         raise ValueError(f"cannot write shards into {out_dir} ({e.strerror or e}); choose another --out") from None
     return written

@@ -44,12 +44,12 @@ def find_logs(paths):
         if path.is_dir():
             found = sorted(path.glob("*.txt"))
             if not found:
-                raise SystemExit(f"error: directory {path} contains no *.txt logs")
+                raise ValueError(f"directory {path} contains no *.txt logs")
             logs.extend(found)
         elif path.is_file():
             logs.append(path)
         else:
-            raise SystemExit(f"error: {path} does not exist (give log files or directories of *.txt logs)")
+            raise ValueError(f"{path} does not exist (give log files or directories of *.txt logs)")
     unique = {}
     for path in logs:
         unique.setdefault(path.resolve(), path)
@@ -92,7 +92,7 @@ def final_result(path, evals):
     except ValueError:
         return f"final val_loss {loss_text!r} is not a number"
     if not math.isfinite(loss):
-        raise SystemExit(f"error: {path}: final val_loss is {loss_text} (the run diverged). A failed run belongs "
+        raise ValueError(f"{path}: final val_loss is {loss_text} (the run diverged). A failed run belongs "
                          f"to the attempt: do not drop it silently; move it out deliberately if it must go.")
     return loss, seconds
 
@@ -104,8 +104,8 @@ def final_evaluation(path):
 
 def read_runs(paths, allow_mixed=False):
     """The logs under paths as dicts (path, evals, result, identity); results of finished runs are
-    (loss, seconds), of the others a str saying why they do not count. Stops when the finished runs
-    come from different scripts or run names, unless allow_mixed."""
+    (loss, seconds), of the others a str saying why they do not count. Raises ValueError when the finished
+    runs come from different scripts or run names, unless allow_mixed, and for a missing path or a diverged run."""
     runs = []
     for path in find_logs(paths):
         script_text, lines = read_log(path)
@@ -117,9 +117,9 @@ def read_runs(paths, allow_mixed=False):
         if not isinstance(run["result"], str):
             groups.setdefault(run["identity"], []).append(run["path"])
     if len(groups) > 1 and not allow_mixed:
-        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} logs ({', '.join(str(p) for p in group)})"
-                             for (code, name), group in groups.items())
-        raise SystemExit(f"error: the logs come from {len(groups)} different scripts or configurations, which one "
+        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} log{'s' * (len(group) > 1)} "
+                             f"({', '.join(str(p) for p in group)})" for (code, name), group in groups.items())
+        raise ValueError(f"the logs come from {len(groups)} different scripts or configurations, which one "
                          f"test must not pool:\n{listing}\nGive the logs of one attempt only, or --allow_mixed to "
                          f"pool them anyway.")
     return runs
@@ -140,9 +140,9 @@ def one_sided_ttest(losses, threshold, alpha):
     if n < 2:
         raise ValueError(f"a t-test needs at least 2 finished runs, got {n}")
     if np.all(losses == losses[0]):
-        raise ValueError(f"all {n} final val losses are {float(losses[0])!r}: with zero variance the t-test is undefined "
-                         f"(t would be infinite). Identical results usually mean one log counted twice under two "
-                         f"names, or runs with the same seed; check the logs, or run seeds that differ")
+        raise ValueError(f"all {n} final val losses are {float(losses[0])!r}: with zero variance the t-test is "
+                         f"undefined (t would be infinite). Identical results usually mean one log counted twice "
+                         f"under two names, or runs with the same seed; check the logs, or run seeds that differ")
     sample_mean = float(losses.mean())
     sample_std = float(losses.std(ddof=1))
     result = stats.ttest_1samp(losses, threshold, alternative="less")
@@ -174,7 +174,8 @@ def format_stats(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("logs", nargs="+", help="log files, or directories of *.txt logs")
     parser.add_argument("--threshold", type=float, default=2.92, help="the loss to beat (default 2.92)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the t-test dict "
@@ -183,10 +184,14 @@ def main(argv=None):
                         help="pool logs of different scripts or run names (refused by default)")
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
-        raise SystemExit(f"error: --alpha must lie strictly between 0 and 1, got {args.alpha}")
+        parser.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
 
     losses, times, skipped = [], [], []
-    for run in read_runs(args.logs, args.allow_mixed):
+    try:
+        runs = read_runs(args.logs, args.allow_mixed)
+    except ValueError as e:
+        parser.error(str(e))
+    for run in runs:
         if isinstance(run["result"], str):
             skipped.append((run["path"], run["result"]))
         else:
@@ -196,12 +201,12 @@ def main(argv=None):
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     if len(losses) < 2:
-        raise SystemExit(f"error: a t-test needs at least 2 finished runs, got {len(losses)} "
-                         f"({len(skipped)} skipped); run more seeds of the attempt")
+        parser.error(f"a t-test needs at least 2 finished runs, got {len(losses)} ({len(skipped)} skipped); "
+                     f"run more seeds of the attempt")
     try:
         test = one_sided_ttest(losses, args.threshold, args.alpha)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        parser.error(str(e))
 
     print(f"\nFinal validation losses over {len(losses)} runs:\n{losses}")
     print(f"\nBasic stats (Std = population std, ddof=0):\n{format_stats(losses)}")

@@ -79,14 +79,25 @@ def torchrun_args(result):
     (2, {"CUDA_VISIBLE_DEVICES": "-1"}, "CUDA_VISIBLE_DEVICES='-1' hides the 2 GPU(s) nvidia-smi lists"),
 ])
 def test_no_gpu_stops_with_cpu_smoke_commands(repo, gpus, env, reason):
-    for dry_run in (True, False):
-        result = repo.run(gpus=gpus, dry_run=dry_run, **env)
-        assert result.returncode != 0 and result.stdout == ""
-        assert f"no NVIDIA GPU is visible ({reason})" in result.stderr
-        for command in ("python train_gpt.py --preset tiny", "python train_icot.py all --preset tiny",
-                        "python oocl.py --preset tiny"):
-            assert command in result.stderr
+    result = repo.run(gpus=gpus, dry_run=False, **env)
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"no NVIDIA GPU is visible ({reason})" in result.stderr
+    for command in ("python train_gpt.py --preset tiny", "python train_icot.py all --preset tiny",
+                    "python oocl.py --preset tiny"):
+        assert command in result.stderr
     assert repo.calls() == []  # nothing installed, downloaded or launched
+
+
+@pytest.mark.parametrize("gpus, env", [(None, {}), (0, {}), (2, {"CUDA_VISIBLE_DEVICES": ""})])
+def test_dry_run_without_gpu_shows_the_launch(repo, gpus, env):
+    # A dry run on a machine without a GPU (a laptop, CI) prints what an 8-GPU node would run, with a note.
+    result = repo.run(gpus=gpus, **env)
+    assert "no NVIDIA GPU is visible here" in result.stderr and "NPROC=8" in result.stderr
+    assert torchrun_args(result) == ["--standalone", "--nproc_per_node=8", str(repo.root / "train_gpt.py")]
+    assert "data/cached_fineweb10B.py 30\n" in result.stdout
+    result = repo.run("oocl.py", "sweep", gpus=gpus, NPROC="2", **env)
+    assert torchrun_args(result) == ["--standalone", "--nproc_per_node=2", str(repo.root / "oocl.py"), "sweep"]
+    assert repo.calls() == []  # a dry run installs, downloads and launches nothing
 
 
 # ---- GPU count and NPROC ----

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from test_data import assert_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TTEST_PATH = REPO_ROOT / "records" / "ttest.py"
@@ -30,8 +31,9 @@ SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms 
 
 
 def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125, script=SCRIPT_TEXT,
-              run_name="gpt"):
-    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run."""
+              run_name="gpt", curve=lambda step: 3.5):
+    """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run; curve(step) is
+    the val_loss of the evaluations before the last step."""
     last_step = steps if last_step is None else last_step
     lines = [script, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
              f"Hyperparameters(num_iterations={steps}, seed=7, run_name='{run_name}', log_dir='logs')",
@@ -40,7 +42,7 @@ def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, 
         ms = round(train_time_ms * step / steps)
         lines.append(f"step:{step}/{steps} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
         if step % val_every == 0 and step != steps:
-            lines.append(f"step:{step}/{steps} val_loss:3.5000 train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+            lines.append(f"step:{step}/{steps} val_loss:{curve(step):.6f} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
     if last_step == steps and val_loss is not None:
         lines.append(f"step:{steps}/{steps} val_loss:{val_loss} train_time:{train_time_ms}ms "
                      f"step_avg:{train_time_ms / steps:.2f}ms")
@@ -127,8 +129,7 @@ def test_unfinished_log_is_skipped_not_counted(tmp_path, capsys):
                      r"last evaluation at step 250/300", out)
     assert "over 2 runs:\n[2.918, 2.919]" in out and "'n': 2," in out
     (tmp_path / "done1.txt").unlink()
-    with pytest.raises(SystemExit, match="at least 2 finished runs, got 1 \\(1 skipped\\)"):
-        ttest.main([str(tmp_path)])
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "at least 2 finished runs, got 1 \\(1 skipped\\)")
 
 
 def test_public_speedrun_line_format(tmp_path):
@@ -145,11 +146,10 @@ def test_public_speedrun_line_format(tmp_path):
     assert "no evaluation line" in ttest.final_evaluation(tmp_path / "no_evals.txt")
 
 
-def test_diverged_run_is_an_error_not_dropped(tmp_path):
+def test_diverged_run_is_an_error_not_dropped(tmp_path, capsys):
     write_log(tmp_path / "nan.txt", "nan", 1000, steps=4)
     write_log(tmp_path / "ok.txt", 2.91, 1000, steps=4)
-    with pytest.raises(SystemExit, match="nan.txt: final val_loss is nan"):
-        ttest.main([str(tmp_path)])
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: final val_loss is nan")
 
 
 def test_command_line_with_directory_and_file_arguments(tmp_path):
@@ -165,7 +165,7 @@ def test_command_line_with_directory_and_file_arguments(tmp_path):
     assert "\n[1400.0, 1400.001, 1400.002]\n" in result.stdout
     missing = subprocess.run([sys.executable, str(TTEST_PATH), str(tmp_path / "nope")], capture_output=True,
                              text=True, timeout=60)
-    assert missing.returncode != 0 and "nope does not exist" in missing.stderr
+    assert missing.returncode == 2 and "error: " in missing.stderr and "nope does not exist" in missing.stderr
 
 
 def test_verdict_uses_the_track_rule_whatever_alpha(tmp_path, capsys):
@@ -190,13 +190,14 @@ def test_logs_of_different_scripts_are_not_pooled(tmp_path, capsys, difference):
     other = {"script": SCRIPT_TEXT + "# tuned lr\n"} if difference == "script" else {"run_name": "gpt_wider"}
     write_log(tmp_path / "b0.txt", 2.95, 1000, steps=4, val_every=2, **other)
     write_log(tmp_path / "b1.txt", steps=4, last_step=3, **other)  # unfinished: not a group of its own
-    with pytest.raises(SystemExit) as info:
-        ttest.main([str(tmp_path)])
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "error: the logs come from 2 different scripts or "
+                                                             "configurations")
+    with pytest.raises(ValueError) as info:
+        ttest.read_runs([tmp_path])
     message = str(info.value)
-    assert message.startswith("error: the logs come from 2 different scripts or configurations")
     assert re.search(r"script \w+, run_name gpt: 3 logs \(\S*a0.txt, \S*a1.txt, \S*a2.txt\)", message)
     expected_name = "gpt" if difference == "script" else "gpt_wider"
-    assert re.search(rf"script \w+, run_name {expected_name}: 1 logs \(\S*b0.txt\)", message)
+    assert re.search(rf"script \w+, run_name {expected_name}: 1 log \(\S*b0.txt\)", message)
     assert "b1.txt" not in message and "--allow_mixed" in message
     out = run_main(capsys, tmp_path, "--allow_mixed")
     assert "over 4 runs:\n[2.918, 2.919, 2.9185, 2.95]" in out
@@ -210,12 +211,11 @@ def test_public_logs_without_run_name_pool_with_each_other(tmp_path, capsys):
     assert ttest.read_runs([tmp_path])[0]["identity"][1] is None
 
 
-def test_identical_losses_are_a_clear_error_not_infinite_t(tmp_path):
+def test_identical_losses_are_a_clear_error_not_infinite_t(tmp_path, capsys):
     for i in range(3):
         write_log(tmp_path / f"r{i}.txt", 2.9191, 1000, steps=4, val_every=2)
-    with pytest.raises(SystemExit, match="all 3 final val losses are 2.9191: with zero variance the t-test is "
-                                         "undefined") as info:
-        ttest.main([str(tmp_path)])
-    assert "inf" not in str(info.value).replace("infinite", "")
+    assert_user_error(capsys, ttest.main, [str(tmp_path)],
+                      "error: all 3 final val losses are 2.9191: with zero variance the t-test is undefined "
+                      "\\(t would be infinite\\)")
     with pytest.raises(ValueError, match="zero variance"):
         ttest.one_sided_ttest([2.93, 2.93], threshold=2.92, alpha=0.05)

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# GPU acceptance check on ONE GPU: each part fits one 10-minute command and writes its logs and a row of
+# the summary table to the check's folder.
+#
+#   bench/gpu_check.sh PART [PART ...]      parts, in the order given:
+#     env      GPU, driver, CUDA, torch and triton versions (every part also records them once)
+#     tests    the whole pytest suite with CUDA visible (tests/gpu/ runs instead of skipping)
+#     gpt      train_gpt.py, full configuration (8 micro-steps of 64K tokens per step) on synthetic shards,
+#              GPT_STEPS timed steps: ms per 524,288-token step, tokens/s, MFU, peak memory, warm-up time
+#     record   the side-by-side: train_gpt.py with one 64K micro-batch per step, then the public record script
+#              (needs RECORD_LOG, see below) on the same synthetic shards, RECORD_STEPS steps each
+#     icot     a timed train_icot.py stage at GPU size (ICOT_ARGS)
+#     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS)
+#
+# Environment:
+#   GPU_CHECK_DIR   where results go (default records/gpu/<date>_<gpu name>; on the device machine point it
+#                   under $OUT, then copy the folder into records/gpu/ here)
+#   GPT_STEPS=30    timed steps of the gpt part          RECORD_STEPS=60   steps of each record run
+#   RECORD_LOG      a public record log (e.g. the GPT-2 Medium record's 000_592014ec-...txt): its first part is
+#                   the record script's text, which the record part extracts and runs unchanged except for its
+#                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as train_gpt.py does)
+#   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
+#   PYTHON=python3
+set -uo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+PYTHON="${PYTHON:-python3}"
+GPT_STEPS="${GPT_STEPS:-30}"
+RECORD_STEPS="${RECORD_STEPS:-60}"
+SYNTHETIC_DIR="data/synthetic_gpu"
+
+die() {
+    echo "gpu_check.sh: error: $*" >&2
+    exit 1
+}
+
+[[ $# -gt 0 ]] || die "name the parts to run: env tests gpt record icot oocl (see the header of $0)"
+for part in "$@"; do
+    case "$part" in
+        env|tests|gpt|record|icot|oocl) ;;
+        *) die "unknown part '$part'; the parts are: env tests gpt record icot oocl" ;;
+    esac
+done
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' \
+    || die "no NVIDIA GPU is visible (nvidia-smi -L lists none); this check needs one GPU"
+
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+GPU_SLUG="$(echo "$GPU_NAME" | tr -cs 'A-Za-z0-9' '_' | sed 's/^_*//; s/_*$//')"
+CHECK_DIR="${GPU_CHECK_DIR:-records/gpu/$(date -u +%Y-%m-%d)_$GPU_SLUG}"
+mkdir -p "$CHECK_DIR" || die "cannot create $CHECK_DIR"
+CHECK_DIR="$(cd "$CHECK_DIR" && pwd)"
+SUMMARY="$CHECK_DIR/summary.md"
+if [[ ! -f "$SUMMARY" ]]; then
+    printf '| part | command | exit | wall s | result lines |\n|---|---|---|---|---|\n' > "$SUMMARY"
+fi
+export PYTHONUNBUFFERED=1
+
+write_env() {
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+        "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))"
+        "$PYTHON" -c "import triton; print('triton', triton.__version__)"
+        echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | grep -c . ) changed files"
+    } > "$CHECK_DIR/env.txt" 2>&1
+    cat "$CHECK_DIR/env.txt"
+}
+
+# Run one timed command; its output goes to the console and to $CHECK_DIR/<name>.log; a summary row records
+# the exit code, the wall time and the result lines that match the pattern.
+timed() {
+    local name="$1" pattern="$2"
+    shift 2
+    local log="$CHECK_DIR/$name.log" start end status
+    echo "== $name: $*"
+    start=$(date +%s)
+    "$@" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    end=$(date +%s)
+    local lines
+    lines="$(grep -E "$pattern" "$log" | tail -n 8 | tr '\n' ';' | sed 's/|/\\|/g')"
+    printf '| %s | `%s` | %s | %s | %s |\n' "$name" "$*" "$status" "$((end - start))" "$lines" >> "$SUMMARY"
+    return "$status"
+}
+
+synthetic_shards() {
+    # data/synthetic.py writes the val shard last: its presence means the set is complete.
+    if [[ ! -f "$SYNTHETIC_DIR/synthetic_val_000000.bin" ]]; then
+        rm -rf "$SYNTHETIC_DIR"
+        "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 --val_tokens 10485760 \
+            || die "writing synthetic shards into $SYNTHETIC_DIR failed"
+    fi
+}
+
+GPT_DATA=(--train_files "$SYNTHETIC_DIR/synthetic_train_*.bin" --val_files "$SYNTHETIC_DIR/synthetic_val_*.bin")
+GPT_RESULT='tokens_per_s|peak memory|warm-up|Error|error'
+
+part_gpt() {
+    synthetic_shards
+    timed gpt "$GPT_RESULT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py \
+        "${GPT_DATA[@]}" --stop_after_steps "$GPT_STEPS" --log_dir "$CHECK_DIR"
+}
+
+part_record() {
+    [[ -n "${RECORD_LOG:-}" && -f "${RECORD_LOG:-}" ]] \
+        || die "the record part needs RECORD_LOG=<a public record log whose first part is the script>"
+    synthetic_shards
+    timed ours_one_microbatch "$GPT_RESULT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        train_gpt.py "${GPT_DATA[@]}" --micro_batches_per_step 1 --stop_after_steps "$RECORD_STEPS" \
+        --log_dir "$CHECK_DIR"
+    # The public script reads data/fineweb10B/ relative to its working directory: give it a directory whose
+    # data/fineweb10B/ holds links to the synthetic shards under FineWeb's names.
+    local work
+    work="$(mktemp -d)"
+    mkdir -p "$work/data/fineweb10B"
+    local i=1
+    for shard in "$REPO_ROOT/$SYNTHETIC_DIR"/synthetic_train_*.bin; do
+        ln -s "$shard" "$work/data/fineweb10B/$(printf 'fineweb_train_%06d.bin' "$i")"
+        i=$((i + 1))
+    done
+    ln -s "$REPO_ROOT/$SYNTHETIC_DIR/synthetic_val_000000.bin" "$work/data/fineweb10B/fineweb_val_000000.bin"
+    # The script is the log's text up to the first line of '=' characters.
+    awk '/^=+$/ && length($0) >= 20 {exit} {print}' "$RECORD_LOG" | sed 's/^assert world_size == 8.*$/pass  # one GPU here/' \
+        > "$work/record_script.py"
+    grep -q 'one GPU here' "$work/record_script.py" || echo "note: no 8-GPU assert found in the record script"
+    # It runs its whole schedule; stop it once it has logged RECORD_STEPS steps.
+    timed public_record 'step_avg|peak memory' bash -c "cd '$work' && \
+        '$PYTHON' -m torch.distributed.run --standalone --nproc_per_node=1 record_script.py 2>&1 | \
+        awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {exit}'"
+    rm -rf "$work"
+}
+
+part_icot() {
+    # shellcheck disable=SC2086
+    timed icot 'accuracy|acc|problems/s|step_avg|wall|Error|error' "$PYTHON" train_icot.py \
+        ${ICOT_ARGS:-teacher --task=4x4 --per_line=1 --log_dir=$CHECK_DIR}
+}
+
+part_oocl() {
+    # shellcheck disable=SC2086
+    timed oocl 'runs|steps/s|step_avg|wall|Error|error' "$PYTHON" oocl.py \
+        ${OOCL_ARGS:-sweep --p 113 --holdout1 0.5 0.8 --holdout2 0.5 --k 1 0 0 1 1 1 --seeds 0 1 2 --out_dir $CHECK_DIR/oocl}
+}
+
+write_env
+failed=0
+for part in "$@"; do
+    case "$part" in
+        env) ;;
+        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -q -rs tests || failed=1 ;;
+        gpt) part_gpt || failed=1 ;;
+        record) part_record || failed=1 ;;
+        icot) part_icot || failed=1 ;;
+        oocl) part_oocl || failed=1 ;;
+    esac
+done
+echo "results: $CHECK_DIR (summary.md)"
+exit "$failed"

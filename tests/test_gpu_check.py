@@ -1,0 +1,111 @@
+"""bench/gpu_check.sh without a GPU: part selection, the commands each part runs, the summary table, and the
+extraction of the public record script, with fake `nvidia-smi` and python that record how they were called."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+
+# The fake python logs its arguments; as a torchrun launch of record_script.py it keeps a copy of the script
+# it was given and prints the steps the public script would print.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "python $*" >> "$CALLS"
+if [[ "$*" == *record_script.py* ]]; then
+    cp record_script.py "$CALLS.record_script.py"
+    ls -l data/fineweb10B > "$CALLS.record_data"
+    for i in 1 2 3 4 5; do echo "step:$i/5690 train_time:${i}00ms step_avg:100.00ms"; done
+    exit 0
+fi
+if [[ "$*" == *train_gpt.py* ]]; then echo "step:30/5690 train_time:57000ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"; fi
+if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
+exit "${FAKE_EXIT:-0}"
+"""
+
+
+def _executable(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def check(tmp_path):
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    shutil.copy(GPU_CHECK, root / "bench" / "gpu_check.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "python", FAKE_PYTHON)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "out"
+    system_path = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists()]
+
+    def run(*parts, gpu=True, **env):
+        smi = bin_dir / "nvidia-smi"
+        if gpu:
+            _executable(smi, '#!/usr/bin/env bash\nif [[ $1 == -L ]]; then echo "GPU 0: NVIDIA H100 80GB HBM3 '
+                             '(UUID: x)"; else echo "NVIDIA H100 80GB HBM3"; fi\n')
+        elif smi.exists():
+            smi.unlink()
+        full_env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir)] + system_path), CALLS=str(calls),
+                        PYTHON=str(bin_dir / "python"), GPU_CHECK_DIR=str(out), **env)
+        return subprocess.run([str(root / "bench" / "gpu_check.sh"), *parts], cwd=tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=60)
+
+    return SimpleNamespace(root=root, out=out, calls=calls, run=run,
+                           lines=lambda: calls.read_text().splitlines() if calls.exists() else [])
+
+
+def test_parts_are_checked_before_anything_runs(check):
+    result = check.run("gpt", "speed")
+    assert result.returncode == 1 and "unknown part 'speed'" in result.stderr
+    assert "env tests gpt record icot oocl" in result.stderr
+    assert "name the parts to run" in check.run().stderr
+    result = check.run("gpt", gpu=False)
+    assert result.returncode == 1 and "no NVIDIA GPU is visible" in result.stderr
+    assert check.lines() == []
+
+
+def test_gpt_part_writes_shards_once_runs_the_full_config_and_a_summary_row(check):
+    result = check.run("gpt", GPT_STEPS="7")
+    assert result.returncode == 0, result.stderr
+    launches = [line for line in check.lines() if "train_gpt.py" in line]
+    assert len(launches) == 1
+    assert ("-m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py --train_files "
+            "data/synthetic_gpu/synthetic_train_*.bin --val_files data/synthetic_gpu/synthetic_val_*.bin "
+            f"--stop_after_steps 7 --log_dir {check.out}") in launches[0]
+    assert "--micro_batches_per_step" not in launches[0]  # the full configuration: 8 micro-steps
+    assert sum("data/synthetic.py" in line for line in check.lines()) == 1
+    summary = (check.out / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| part | command | exit | wall s |")
+    assert summary[2].startswith("| gpt | ") and "| 0 |" in summary[2] and "ms_per_step:1900.00 mfu:45.00%" in summary[2] and "step_avg" not in summary[2]
+    assert "ms_per_step:1900.00" in (check.out / "gpt.log").read_text()
+    assert "H100" in (check.out / "env.txt").read_text()
+    # A second run finds the shards and appends its row; a failing command is recorded and fails the check.
+    result = check.run("gpt", FAKE_EXIT="3")
+    assert result.returncode == 1
+    assert sum("data/synthetic.py" in line for line in check.lines()) == 1
+    assert "| gpt | " in (check.out / "summary.md").read_text().splitlines()[3]
+    assert "| 3 |" in (check.out / "summary.md").read_text().splitlines()[3]
+
+
+def test_record_part_runs_the_public_script_from_its_log_on_the_synthetic_shards(check, tmp_path):
+    assert "needs RECORD_LOG" in check.run("record").stderr
+    log = tmp_path / "record_log.txt"
+    log.write_text("import os\nworld_size = 1\nassert world_size == 8 # this code is designed for 8xH100\n"
+                   "print('training')\n" + "=" * 100 + "\nRunning Python 3.10\nstep:1/5690 val_loss:10.8\n")
+    result = check.run("record", RECORD_LOG=str(log), RECORD_STEPS="3")
+    assert result.returncode == 0, result.stderr
+    ours = [line for line in check.lines() if "train_gpt.py" in line]
+    assert len(ours) == 1 and "--micro_batches_per_step 1 --stop_after_steps 3" in ours[0]
+    script = Path(str(check.calls) + ".record_script.py").read_text()
+    assert script == "import os\nworld_size = 1\npass  # one GPU here\nprint('training')\n"
+    data = Path(str(check.calls) + ".record_data").read_text()
+    assert "fineweb_train_000001.bin -> " in data and "synthetic_gpu/synthetic_train_000001.bin" in data
+    assert "fineweb_val_000000.bin -> " in data
+    record_log = (check.out / "public_record.log").read_text()
+    assert "step:3/5690" in record_log and "step:4/5690" not in record_log  # stopped after RECORD_STEPS
