@@ -128,7 +128,8 @@ class Hyperparameters:
     seed: int = 0
     compile: str = "auto"             # torch.compile: auto (on CUDA only), true, false
     cpu_threads: int = 2              # CPU runs only; 1 avoids oversubscribing a shared machine
-    stage_minutes: float = 0.0        # >0: a stage stops after this much training time and keeps its best checkpoint
+    stage_minutes: float = 0.0        # >0: a stage stops at the first evaluation past this much training time
+    resume: bool = False              # stepwise: continue from <ckpt_dir>/stepwise.pt (e.g. one cut by stage_minutes)
     log_dir: str = "logs"             # logs, plots and the results table of `all`
     ckpt_dir: str = ""                # default checkpoints/icot/<task>_k<per_line>
     stages: tuple = ("teacher", "stepwise", "mindread", "emulator", "couple", "nocot")  # what `all` trains
@@ -153,6 +154,7 @@ FIELD_HELP = {
     "stepwise_lambda": "removal smoothing: P(extra o) ~ exp(-lambda o)",
     "stepwise_patience": "no-CoT evaluations without improvement before the final decay",
     "compile": "auto (CUDA only), true or false", "stage_minutes": "training-time budget of a stage (0: none)",
+    "resume": "stepwise: continue the removal schedule from <ckpt_dir>/stepwise.pt",
 }
 
 
@@ -250,6 +252,8 @@ def validate(hp, command, positional):
             die(f"--{name} must be >= 0")
     if positional and command != "predict":
         die(f"unexpected argument(s) {positional} (problems are only for predict; options are --field value)")
+    if hp.resume and command != "stepwise":
+        die("--resume continues a stepwise stage: use it with the stepwise command")
     if command in ("eval", "predict") and not hp.ckpt:
         die(f"{command} needs --ckpt=PATH (a checkpoint written by a stage)")
 
@@ -1047,6 +1051,9 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     order, cursor = torch.randperm(len(data), generator=generator), 0
     stepwise = steps is None
     removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
+    if stepwise and model.removed:  # resumed: from the increment it had reached (a fresh optimizer, as at any)
+        starts = [start for start, removed in removals.items() if removed >= model.removed]
+        removals = {start - starts[0]: removals[start] for start in starts}
     final_removed = removals[max(removals)]
     end = hp.stepwise_max_steps if stepwise else steps  # stepwise: moved closer when its decay starts
     decay_start = end - (hp.stepwise_decay_steps if stepwise else round(hp.cooldown_frac * steps))
@@ -1189,6 +1196,8 @@ def build_stage_model(kind, hp, layout):
         load_weights(model.emulator, emulator.emulator.state_dict(), emulator_path)
         model.teacher_path = emulator.teacher_path
         return model
+    if kind == "stepwise" and hp.resume:  # its weights and removed CoT tokens; the schedule goes on from there
+        return load_checkpoint(os.path.join(hp.ckpt_dir, "stepwise.pt"), hp)
     teacher = load_teacher(teacher_path, hp) if kind in ("mindread", "emulator", "stepwise") else None
     model = IcotModel(kind, hp, layout, teacher if kind != "stepwise" else None).to(DEVICE)
     if teacher is not None:

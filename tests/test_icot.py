@@ -98,16 +98,20 @@ def test_command_line(capsys):
     assert "--no-show-cot" in help_text and "(default: 0.0006)" in help_text
 
 
-def test_user_errors_exit_2_with_one_line_before_training(tmp_path):
+def test_user_errors_exit_2_with_one_line_before_training(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
+    monkeypatch.setattr(icot, "run_stage", lambda *args: pytest.fail("training started"))
     for argv, message in [(["teacher", f"--log_dir={blocker / 'logs'}"], "--log_dir="),
                           (["teacher", "--ckpt_dir", str(blocker), f"--log_dir={tmp_path}"], "--ckpt_dir="),
-                          (["teacher", "--batch_size=0"], "--batch_size must be >= 1")]:
-        run = subprocess.run([sys.executable, REPO_ROOT / "train_icot.py", *argv], capture_output=True, text=True,
-                             cwd=tmp_path)
-        assert run.returncode == 2 and run.stdout == "", run.stderr
-        assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and message in run.stderr
+                          (["nocot", "--resume"], "--resume continues a stepwise stage")]:
+        with pytest.raises(SystemExit, match=message) as exit_info:
+            icot.main(argv)
+        assert exit_info.value.code == 2
+    run = subprocess.run([sys.executable, REPO_ROOT / "train_icot.py", "teacher", f"--log_dir={blocker / 'logs'}"],
+                         capture_output=True, text=True, cwd=tmp_path)  # the command line: one line, status 2
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: --log_dir=") and "not a writable" in run.stderr
 
 
 # ---- Teacher states: the diagonal of icot.md ----
@@ -268,6 +272,26 @@ def test_stepwise_resets_the_optimizer_at_each_increment(tmp_path, monkeypatch):
     log = next((tmp_path / "logs").glob("*.txt")).read_text()
     assert re.findall(r"increment: removed_cot:(\d+) of 8, optimizer reset", log) == [str(i) for i in range(1, 9)]
     assert model.removed == 8
+
+
+def test_stage_minutes_then_resume_continues_the_removal(tmp_path):
+    """A stepwise stage cut by --stage_minutes saves its weights with the CoT tokens removed so far; --resume goes on
+    from that increment (what a GPU run split into 10-minute commands needs)."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=4, eval_every=50,
+                                          stage_minutes=1e-9, stepwise_max_steps=40)
+    icot.train_stage(hp, "stepwise", model, train_set, train_set)  # stops after the first step
+    saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
+    assert saved["removed"] == 1
+    saved["removed"] = 5  # as if cut later, after the increment that removes 5 tokens
+    torch.save(saved, tmp_path / "ckpt" / "stepwise.pt")
+    resumed = icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, resume=True), train_set.layout)
+    assert resumed.removed == 5 and torch.equal(resumed.state_dict()["lm.lm_head.weight"],
+                                                saved["model"]["lm.lm_head.weight"])
+    hp = icot.dataclasses.replace(hp, stage_minutes=0.0, stepwise_patience=1, stepwise_decay_steps=1)
+    icot.train_stage(hp, "stepwise", resumed, train_set, train_set)
+    log = max((tmp_path / "logs").glob("*.txt"), key=lambda path: path.stat().st_mtime).read_text()
+    assert re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M) == [
+        ("0", "5"), ("1", "6"), ("2", "7"), ("3", "8")]
 
 
 def test_best_checkpoint_and_patience(tmp_path, monkeypatch):
