@@ -101,16 +101,25 @@ def parse_line(line: str) -> tuple[list[tuple[int, int]], int, int]:
 
 
 def read_lines(path: str) -> list[tuple[list[tuple[int, int]], int, int]]:
-    """Every line of a file parsed; the first invalid line ends the program with its file and line number."""
+    """Every line of a file parsed; the first invalid line ends the program with its file and line number. The same
+    rules as train_icot.py's loader (which repeats them, being self-contained): every line valid, one digit size and
+    one number of problems per line in a file, and at least one line."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file (generate it with data/multiplication.py or fix the path)")
     parsed = []
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             try:
-                parsed.append(parse_line(line.rstrip("\n")))
+                problems, n, m = parse_line(line.rstrip("\n"))
             except ValueError as error:
                 raise SystemExit(f"{path}:{number}: invalid line: {error}") from None
+            if parsed and (n, m, len(problems)) != (parsed[0][1], parsed[0][2], len(parsed[0][0])):
+                first_problems, first_n, first_m = parsed[0]
+                raise SystemExit(f"{path}:{number}: {n}x{m} with {len(problems)} per line, but line 1 is "
+                                 f"{first_n}x{first_m} with {len(first_problems)}: one digit size and K per file")
+            parsed.append((problems, n, m))
+    if not parsed:
+        raise SystemExit(f"{path}: empty file")
     return parsed
 
 

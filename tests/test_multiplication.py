@@ -111,3 +111,35 @@ def test_cli_writes_file_and_rejects_bad_arguments(tmp_path):
     bad = subprocess.run([sys.executable, script, "--digits", "4by4", "--count", "1", "--out", out],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "expected NxM" in bad.stderr
+
+
+LINE_4X4 = mult.format_line([(3719, 3349)], 4, 4)
+BAD_INPUTS = {  # name: file content; each must be rejected by both validators
+    "empty file": "",
+    "foreign character": LINE_4X4.replace("*", "x", 1) + "\n",
+    "wrong CoT": LINE_4X4.replace("+ 0 6", "+ 0 7", 1) + "\n",
+    "wrong answer": LINE_4X4[:-1] + "2\n",
+    "bad separator": LINE_4X4.replace(" #### ", " ### ") + "\n",
+    "two-digit token": LINE_4X4.replace("9 1 7 3 *", "91 7 3 *", 1) + "\n",
+    "blank line": LINE_4X4 + "\n\n",
+    "trailing space": LINE_4X4 + " \n",
+    "mixed digit sizes": LINE_4X4 + "\n" + mult.format_line([(12, 34)], 2, 2) + "\n",
+    "mixed problems per line": mult.format_line([(12, 34)], 2, 2) + "\n" + mult.format_line([(12, 34), (56, 78)], 2, 2)
+                               + "\n",
+    "missing problem in the answer": mult.format_line([(12, 34), (56, 78)], 2, 2).rsplit(" $ ", 1)[0] + "\n",
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_one_validator_rule_set(tmp_path, name):
+    """data/multiplication.py --check and train_icot.py's loader reject the same bad files (and accept good ones)."""
+    import train_icot
+
+    path = tmp_path / "data.txt"
+    path.write_text(BAD_INPUTS[name])
+    with pytest.raises(SystemExit):
+        mult.main(["--check", str(path)])
+    with pytest.raises(SystemExit):
+        train_icot.load_dataset(str(path))
+    path.write_text(LINE_4X4 + "\n" + mult.format_line([(1000, 9999)], 4, 4) + "\n")
+    assert len(mult.read_lines(str(path))) == len(train_icot.load_dataset(str(path)).tokens) == 2

@@ -1,0 +1,19 @@
+"""Table of the sweep: final validation loss and exact match per run (from each run's log), best first per stage.
+
+    python records/icot/sweep_tiny/table.py > records/icot/sweep_tiny/README_table.md
+"""
+import glob
+import os
+import re
+
+rows = []
+for log in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "logs", "*", "*.txt")):
+    name = os.path.basename(os.path.dirname(log))
+    stage, lr, mult, wd = re.fullmatch(r"(\w+?)_lr(\S+)_emb(\S+)_wd(\S+)", name).groups()
+    final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", open(log).read(), re.M)
+    steps, loss, accuracy = final[-1]
+    rows.append((stage, float(loss), float(lr), float(mult), float(wd), float(accuracy), int(steps)))
+print("| stage | lr | embed lr mult | weight decay | steps | val loss | val exact match |")
+print("|---|---|---|---|---|---|---|")
+for stage, loss, lr, mult, wd, accuracy, steps in sorted(rows):
+    print(f"| {stage} | {lr:g} | {mult:g} | {wd:g} | {steps} | {loss:.4f} | {accuracy:.3f} |")
