@@ -9,7 +9,8 @@
 #              GPT_STEPS timed steps: ms per 524,288-token step, tokens/s, MFU, peak memory, warm-up time
 #     record   the side-by-side: train_gpt.py with one 64K micro-batch per step, then the public record script
 #              (needs RECORD_LOG, see below) on the same synthetic shards, RECORD_STEPS steps each
-#     icot     a timed train_icot.py stage at GPU size (ICOT_ARGS)
+#     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 5 minutes of
+#              training at the default size, its results table on the papers' test sets
 #     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS)
 #
 # Environment:
@@ -134,7 +135,7 @@ part_record() {
 part_icot() {
     # shellcheck disable=SC2086
     timed icot 'accuracy|acc|problems/s|step_avg|wall|Error|error' "$PYTHON" train_icot.py \
-        ${ICOT_ARGS:-teacher --task=4x4 --per_line=1 --log_dir=$CHECK_DIR}
+        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5 --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
 }
 
 part_oocl() {
