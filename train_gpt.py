@@ -163,7 +163,7 @@ def build_parser():
         spellings = dict.fromkeys([field.name, field.name.replace("_", "-")])
         help = f"{field.metadata['help']} (default: {field.default})"
         if field.type is bool:
-            names = [f"--{name}" for name in spellings] + [f"--no{sep}{name}" for name in spellings for sep in "-_"]
+            names = [f"--{name}" for name in spellings] + [f"--no-{field.name.replace('_', '-')}", f"--no_{field.name}"]
             parser.add_argument(*dict.fromkeys(names), dest=field.name, action=Flag, help=help)
         else:
             parser.add_argument(*(f"--{name}" for name in spellings), dest=field.name, action=Once, type=field.type,
