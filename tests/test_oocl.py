@@ -187,11 +187,12 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
 def test_output_path_that_is_a_file_is_reported_before_training(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for argv, flag in ((["sweep", "--out_dir", str(blocker)], "--out_dir"), (["--log_dir", str(blocker)], "--log_dir"),
-                       (["--log_dir", str(blocker / "sub")], "--log_dir")):
+    for argv, message in ((["sweep", "--out_dir", str(blocker)], f"--out_dir {blocker} is a file"),
+                          (["--log_dir", str(blocker)], f"--log_dir {blocker} is a file"),
+                          (["--log_dir", str(blocker / "sub")], "--log_dir " + str(blocker / "sub") + " cannot be created")):
         with pytest.raises(SystemExit) as err:
             oocl.main(["--preset", "tiny"] + argv if argv[0] != "sweep" else ["sweep", "--preset", "tiny"] + argv[1:])
-        assert err.value.code == 2 and flag in capsys.readouterr().err
+        assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
 
 
