@@ -46,7 +46,7 @@ class Hyperparameters:
     holdout1: list = field(default_factory=lambda: [0.8])  # fraction of table 1 (originals) held out
     holdout2: list = field(default_factory=lambda: [0.8])  # fraction of table 2 (the test aliases) held out
     k: list = field(default_factory=lambda: [1.0, 1.0, 1.0])  # loss weights k1 k2 k3; a sweep takes several triples
-    seeds: list = field(default_factory=lambda: [0])  # `--seed S` is the same option
+    seeds: list = field(default_factory=lambda: [0])  # the runs' seeds (split and initial weights); --seed S: the same
     # design variants (the seed's setup is the default)
     links_both_ways: bool = False     # also train the reverse linkages DEFINE i+p END i
     tied_embeddings: bool = False     # output column of a token = its (normed) input embedding
@@ -116,7 +116,7 @@ class Flag(Once):
     """--x sets true, --no-x / --no_x sets false; takes no value."""
 
     def __init__(self, option_strings, dest, **kwargs):
-        negated = [f"--no{sep}{s[2:]}" for s in option_strings for sep in "-_"]
+        negated = [f"--no-{s[2:]}" for s in option_strings] + [f"--no_{dest}"]
         super().__init__(option_strings + list(dict.fromkeys(negated)), dest, nargs=0, **kwargs)
 
     def value(self, values, option_string):
