@@ -257,8 +257,9 @@ def grid(args, mode="sweep"):
 
 
 # ---- Data ----
-# Vocabulary ((G+1)p+4 for G alias groups; the seed's 2p+4 for G = 1): 0..p-1 numbers ("originals"), then G
-# groups of p aliases (token g*p+i means i), then four special tokens. Every example is 4 tokens; the model
+# Vocabulary ((G+1)p+3+G for G alias groups; the seed's 2p+4 for G = 1): 0..p-1 numbers ("originals"), then G
+# groups of p aliases (token g*p+i means i), then END, RANDOM, NOT_RANDOM and one DEFINE per group (one shared
+# DEFINE would give G different answers to the same `DEFINE i END`). Every example is 4 tokens; the model
 # reads the first 3 and is trained on the 4th only:
 #   table 1 row:  x      y      END  (x^2+y^2) mod p            (all originals)
 #   table 2 row:  x+p    y+p    END  ((x^2+y^2) mod p) + p      (all aliases of group 1, the test group)
@@ -275,12 +276,18 @@ LOSS_OF_GROUP = {TABLE1: 0, TABLE2: 1, LINKS: 2, META_TABLES: 1, META_LINKS: 2} 
 
 
 def special_tokens(p, alias_groups=1):
+    """END, RANDOM, NOT_RANDOM, then one DEFINE token per alias group (DEFINE is group 1's)."""
     base = (alias_groups + 1) * p
     return dict(END=base, RANDOM=base + 1, NOT_RANDOM=base + 2, DEFINE=base + 3)
 
 
+def define_token(p, alias_groups, g):
+    """Group g's DEFINE: `DEFINE_g i END` names the group whose alias of i is the answer."""
+    return special_tokens(p, alias_groups)["DEFINE"] + g - 1
+
+
 def vocab_size(p, alias_groups=1):
-    return (alias_groups + 1) * p + 4
+    return (alias_groups + 1) * p + 3 + alias_groups
 
 
 def build_sequences(p, alias_groups=1, links_both_ways=False):
@@ -292,10 +299,11 @@ def build_sequences(p, alias_groups=1, links_both_ways=False):
     result = (x * x + y * y) % p
     end = torch.full_like(x, sp["END"])
     i = torch.arange(p)
-    define, end_i = torch.full_like(i, sp["DEFINE"]), torch.full_like(i, sp["END"])
+    end_i = torch.full_like(i, sp["END"])
     parts, groups = [torch.stack([x, y, end, result], 1)], [TABLE1]
     for g in range(1, alias_groups + 1):
         a = g * p  # group g's alias of n is n + a
+        define = torch.full_like(i, define_token(p, alias_groups, g))
         links = [torch.stack([define, i, end_i, i + a], 1)]
         if links_both_ways:
             links.append(torch.stack([define, i + a, end_i, i], 1))

@@ -77,7 +77,9 @@ def test_meta_learning_groups_tables_and_training_sets():
     table and their linkages; every group has its own tokens; meta rows count in the k2 / k3 losses."""
     p, G = 7, 3
     tokens, group = oocl.build_sequences(p, alias_groups=G)
-    assert oocl.vocab_size(p, G) == (G + 1) * p + 4 and tokens.max() == (G + 1) * p + 3
+    assert oocl.vocab_size(p, G) == (G + 1) * p + 3 + G and tokens.max() == oocl.vocab_size(p, G) - 1
+    links = tokens[(group == oocl.LINKS) | (group == oocl.META_LINKS)]
+    assert len({tuple(row[:3].tolist()) for row in links}) == G * p  # every linkage prompt has one answer
     t1 = tokens[group == oocl.TABLE1]
     meta = tokens[group == oocl.META_TABLES].view(G - 1, p * p, 4)
     for n, table in enumerate([tokens[group == oocl.TABLE2]] + list(meta)):
