@@ -4,16 +4,21 @@
 # then add a second copy of the table written with alias tokens (its own, independently held-out part)
 # plus p "linkage" facts i -> i+p. Does the model connect the two tables through the linkages and
 # generalise on table 1? Loss = k1*loss_op1 + k2*loss_op2 + k3*loss_linkages; the answer is the
-# contrast between (k1, k2, k3) = (1, 0, 0) and (1, 1, 1).
+# contrast between (k1, k2, k3) = (1, 0, 0) and (1, 1, 1), read against two controls that every sweep
+# trains beside them: (1, 1, 0) (the alias table without linkages) and the hard-wired upper bound (alias
+# i+p's input row and output column are original i's plus one learned per-table vector, so the link is
+# given, not learned).
 #
 #   python oocl.py --p 113 --holdout1 0.8 --holdout2 0.8 --k 1 1 1 --steps 10000 --seed 0
 #   python oocl.py sweep --holdout1 0.5 0.7 0.9 --holdout2 0.5 0.7 0.9 --k 1 0 0 1 1 1 --seeds 0 1 2
+#   ./run.sh oocl.py sweep ...          (torchrun: every rank trains its share of the grid on its own GPU)
 #   python oocl.py --preset tiny
 #
 # A single run is a sweep of one: every run of a sweep trains at the same time with its own weights,
 # its own data split, its own loss weights and its own AdamW state, held as tensors with a leading run
 # dimension and multiplied with batched matmuls (bmm). Runs never interact, so a run trained inside a
 # sweep ends where the same run trained alone ends.
+import argparse
 import csv
 import dataclasses
 import math
@@ -28,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # ---- Hyperparameters ----
@@ -36,11 +42,17 @@ import torch.nn.functional as F
 @dataclass
 class Hyperparameters:
     # task
-    p: int = 113                      # prime modulus; vocabulary is 2p+4
+    p: int = 113                      # prime modulus; vocabulary is (alias_groups+1)*p + 4
     holdout1: list = field(default_factory=lambda: [0.8])  # fraction of table 1 (originals) held out
-    holdout2: list = field(default_factory=lambda: [0.8])  # fraction of table 2 (aliases) held out
-    k: list = field(default_factory=lambda: [1.0, 1.0, 1.0])  # loss weights (k1, k2, k3), several triples in a sweep
-    seeds: list = field(default_factory=lambda: [0])  # `--seed S` is accepted for a single run
+    holdout2: list = field(default_factory=lambda: [0.8])  # fraction of table 2 (the test aliases) held out
+    k: list = field(default_factory=lambda: [1.0, 1.0, 1.0])  # loss weights k1 k2 k3; a sweep takes several triples
+    seeds: list = field(default_factory=lambda: [0])  # the runs' seeds (split and initial weights); --seed S: the same
+    # design variants (the seed's setup is the default)
+    links_both_ways: bool = False     # also train the reverse linkages DEFINE i+p END i
+    tied_embeddings: bool = False     # output column of a token = its (normed) input embedding
+    alias_groups: int = 1             # >1: out-of-context meta-learning; groups 2.. get full tables and linkages
+    hardwired: bool = False           # single run: the hard-wired-link control (alias rows/columns = originals')
+    controls: bool = True             # sweep: add (1,1,0) and hard-wired (1,1,1) to every cell of the grid
     # model: 1 block of the speedrun architecture at grokking size
     num_layers: int = 1
     model_dim: int = 128
@@ -53,17 +65,17 @@ class Hyperparameters:
     beta1: float = 0.9
     beta2: float = 0.98
     warmup_steps: int = 10
-    cooldown_frac: float = 0.25       # lr decays linearly to 0 over this last part: the final metrics are
-                                      # read after the loss spikes that full-batch Adam has at constant lr
+    cooldown_frac: float = 0.25       # lr decays linearly to 0 over this last part (full-batch Adam spikes at constant lr)
+    patience: int = 0                 # a run stops once held-out table-1 accuracy has not improved for this many steps (0: never)
     # evaluation and output
     eval_every: int = 100
     log_dir: str = "logs"
-    out_dir: str = "records/oocl"     # sweep table, CSV and heatmap
+    out_dir: str = "logs/oocl_sweep"  # sweep table, CSVs and plots (records/ only when pointed there)
     # execution
-    max_runs_per_batch: int = 0       # 0 = the whole grid at once; else train it in groups of this many runs
+    max_runs_per_batch: int = 0       # 0 = the whole grid (or its share of one rank) at once
     threads: int = 0                  # torch CPU threads (0 = torch's default)
-    compile: int = -1                 # -1: torch.compile on CUDA only; 0: never; 1: always
-    quiet: int = 0                    # 1: no per-step stdout lines
+    compile: str = "auto"             # auto: torch.compile on CUDA only
+    quiet: bool = False               # no per-step stdout lines
 
 
 PRESETS = {
@@ -72,49 +84,81 @@ PRESETS = {
                  steps=300, lr=3e-3, eval_every=100, threads=1),
 }
 
-LIST_FIELDS = {"holdout1": float, "holdout2": float, "k": float, "seeds": int}
-SCALAR_ALIASES = {"seed": "seeds"}
+LIST_TYPES = {"holdout1": float, "holdout2": float, "k": float, "seeds": int}
+HELP = {  # the comment beside each field, for --help
+    line.split(":")[0].strip(): line.split("#", 1)[1].strip()
+    for line in open(__file__).read().split("class Hyperparameters:")[1].split("\n\n")[0].splitlines()
+    if ":" in line and "#" in line and not line.strip().startswith("#")
+}
 
 
 def die(message):
-    raise SystemExit(f"oocl.py: error: {message}")
+    """A user's mistake: one line on stderr, exit code 2, nothing trained."""
+    print(f"oocl.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class Once(argparse.Action):
+    """Stores the value; a second occurrence of the option, in any spelling, is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given", set())
+        if self.dest in seen:
+            parser.error(f"argument {self.option_strings[0]}: given twice")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, self.value(values, option_string))
+
+    def value(self, values, option_string):
+        return values
+
+
+class Flag(Once):
+    """--x sets true, --no-x / --no_x sets false; takes no value."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{s[2:]}" for s in option_strings] + [f"--no_{dest}"]
+        super().__init__(option_strings + list(dict.fromkeys(negated)), dest, nargs=0, **kwargs)
+
+    def value(self, values, option_string):
+        return not option_string.startswith("--no")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="oocl.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage="python oocl.py [sweep] [--preset NAME] [--field value ...]",
+        description="Out-of-context learning on (x^2+y^2) mod p. `sweep` as the first argument trains the grid "
+                    "holdout1 x holdout2 x k triples x seeds (plus the controls) and writes a table.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), action=Once, help="apply a preset's values first")
+    for f in dataclasses.fields(Hyperparameters):
+        names = list(dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"]))
+        if f.name == "seeds":
+            names.append("--seed")
+        kwargs = dict(dest=f.name, help=HELP.get(f.name, " "), default=getattr(Hyperparameters(), f.name))
+        if f.type is bool:
+            parser.add_argument(*names, action=Flag, **kwargs)
+        elif f.name in LIST_TYPES:
+            parser.add_argument(*names, action=Once, nargs="+", type=LIST_TYPES[f.name], metavar="V", **kwargs)
+        elif f.name == "compile":
+            parser.add_argument(*names, action=Once, choices=["auto", "true", "false"], **kwargs)
+        else:
+            parser.add_argument(*names, action=Once, type=f.type, metavar=f.type.__name__.upper(), **kwargs)
+    return parser
 
 
 def parse_args(argv):
-    """`[sweep] [--preset NAME] [--field value ...] [--field=value]` -> (mode, Hyperparameters)."""
+    """`[sweep] [--preset NAME] [--field value | --field=value ...]` -> (mode, Hyperparameters)."""
     mode = "single"
     if argv and argv[0] == "sweep":
         mode, argv = "sweep", argv[1:]
-    raw, name = {}, None
-    for arg in argv:
-        if arg.startswith("--"):
-            name, _, value = arg[2:].partition("=")
-            name = SCALAR_ALIASES.get(name.replace("-", "_"), name.replace("-", "_"))
-            raw[name] = [value] if value else []
-        elif name is None:
-            die(f"unexpected argument {arg!r}; options look like --steps 1000 (run `python oocl.py --preset tiny` to try)")
-        else:
-            raw[name].append(arg)
-    overrides = {}
-    if "preset" in raw:
-        preset = " ".join(raw.pop("preset"))
-        if preset not in PRESETS:
-            die(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-        overrides.update(PRESETS[preset])
-    types = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}
-    for name, values in raw.items():
-        if name not in types:
-            die(f"unknown option --{name}; known options: {', '.join('--' + n for n in types)}")
-        try:
-            if name in LIST_FIELDS:
-                overrides[name] = [LIST_FIELDS[name](v) for v in values]
-            else:
-                if len(values) != 1:
-                    die(f"--{name} takes exactly one value, got {len(values)}")
-                overrides[name] = types[name](values[0])
-        except ValueError as exc:
-            die(f"bad value for --{name}: {exc}")
-    args = Hyperparameters(**overrides)
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset  # the preset's values become the defaults
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("_given", None)
+    namespace.pop("preset")
+    args = Hyperparameters(**namespace)
     validate(args, mode)
     return mode, args
 
@@ -123,34 +167,55 @@ def is_prime(n):
     return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
 
 
+def check_writable_dir(path, flag):
+    """An output folder that cannot be created or written is reported now, not after training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"--{flag} {path} is a file, not a folder; pass a folder path (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        die(f"--{flag} {path} cannot be created ({exc.strerror}); pass a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        die(f"--{flag} {path} is not writable; pass a writable folder")
+
+
 def validate(args, mode):
     if not is_prime(args.p):
-        die(f"--p must be a prime (the task is arithmetic mod p), got {args.p}; try 23, 59, 97 or 113")
+        die(f"--p must be a prime (the task is arithmetic mod p), got {args.p}; try 23, 31, 59 or 113")
     for name in ("holdout1", "holdout2"):
-        values = getattr(args, name)
-        if not values:
-            die(f"--{name} needs at least one value in [0, 1)")
-        for h in values:
+        for h in getattr(args, name):
             if not 0.0 <= h < 1.0:
                 die(f"--{name} must be a fraction in [0, 1) (at least one pair must stay in training), got {h}")
-    if len(args.k) == 0 or len(args.k) % 3:
+    if 0.0 in args.holdout1:
+        die("--holdout1 0 holds out no table-1 pair, so there is nothing to test on; use a fraction in (0, 1)")
+    if len(args.k) % 3:
         die(f"--k takes the three loss weights k1 k2 k3 (a sweep: several triples), got {len(args.k)} values: {args.k}")
     for triple in k_triples(args):
         if any(w < 0 for w in triple):
             die(f"loss weights must be >= 0, got {triple}")
         if not any(w > 0 for w in triple):
             die(f"loss weights {triple} are all zero: nothing would be trained; set at least one of k1 k2 k3 > 0")
-    if not args.seeds:
-        die("--seeds needs at least one integer")
     if mode == "single" and (len(args.holdout1), len(args.holdout2), len(args.k), len(args.seeds)) != (1, 1, 3, 1):
         die("a single run takes one --holdout1, one --holdout2, exactly three --k values and one --seed; "
             "for a grid use `python oocl.py sweep ...`")
+    if mode == "sweep" and args.hardwired:
+        die("--hardwired is the control of a single run; a sweep adds it to every cell by itself (--controls)")
     if args.model_dim % args.num_heads:
         die(f"--model_dim {args.model_dim} must be divisible by --num_heads {args.num_heads}")
     if not 0.0 <= args.cooldown_frac <= 1.0:
         die(f"--cooldown_frac must be in [0, 1], got {args.cooldown_frac}")
-    if args.steps < 1 or args.eval_every < 1 or args.num_layers < 1:
-        die("--steps, --eval_every and --num_layers must be >= 1")
+    if not (args.lr > 0 and args.weight_decay >= 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        die(f"need --lr > 0, --weight_decay >= 0 and betas in [0, 1); got lr {args.lr}, weight_decay "
+            f"{args.weight_decay}, beta1 {args.beta1}, beta2 {args.beta2}")
+    for name in ("steps", "eval_every", "num_layers", "model_dim", "num_heads", "mlp_dim", "alias_groups"):
+        if getattr(args, name) < 1:
+            die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "patience", "max_runs_per_batch", "threads"):
+        if getattr(args, name) < 0:
+            die(f"--{name} must be >= 0, got {getattr(args, name)}")
+    check_writable_dir(args.log_dir, "log_dir")
+    if mode == "sweep":
+        check_writable_dir(args.out_dir, "out_dir")
 
 
 def k_triples(args):
@@ -163,6 +228,7 @@ class RunSpec:
     holdout2: float
     k: tuple
     seed: int
+    hardwired: bool = False
 
 
 def fmt(v):
@@ -170,48 +236,81 @@ def fmt(v):
 
 
 def run_name(p, spec):
-    return f"oocl_ssq_{p}_{fmt(spec.holdout1)}_{fmt(spec.holdout2)}_" + "_".join(fmt(w) for w in spec.k)
+    return (f"oocl_ssq_{p}_{fmt(spec.holdout1)}_{fmt(spec.holdout2)}_" + "_".join(fmt(w) for w in spec.k)
+            + ("_hardwired" if spec.hardwired else ""))
 
 
-def grid(args):
-    return [RunSpec(h1, h2, k, s) for h1 in args.holdout1 for h2 in args.holdout2
-            for k in k_triples(args) for s in args.seeds]
+def arm_label(spec):
+    return " ".join(map(fmt, spec.k)) + (" hard-wired" if spec.hardwired else "")
+
+
+def grid(args, mode="sweep"):
+    """The runs of a sweep: every (holdout1, holdout2, k, seed), plus with --controls the (1,1,0) and the
+    hard-wired (1,1,1) runs of every cell (once, if the k triples already hold (1,1,0))."""
+    if mode == "single":
+        return [RunSpec(args.holdout1[0], args.holdout2[0], tuple(args.k), args.seeds[0], args.hardwired)]
+    arms = [(k, False) for k in k_triples(args)]
+    if args.controls:
+        arms += [((1.0, 1.0, 0.0), False)] * ((1.0, 1.0, 0.0) not in k_triples(args)) + [((1.0, 1.0, 1.0), True)]
+    return [RunSpec(h1, h2, k, s, hw) for h1 in args.holdout1 for h2 in args.holdout2
+            for k, hw in arms for s in args.seeds]
 
 
 # ---- Data ----
-# Vocabulary (2p+4): 0..p-1 numbers ("originals"), p..2p-1 their aliases (token i+p means i), then four
-# special tokens. Every example is 4 tokens; the model reads the first 3 and is trained on the 4th only:
-#   table 1 row:  x    y    END  (x^2+y^2) mod p          (all originals)
-#   table 2 row:  x+p  y+p  END  ((x^2+y^2) mod p) + p    (all aliases)
-#   linkage:      DEF  i    END  i+p                       (predict the alias of i)
+# Vocabulary ((G+1)p+3+G for G alias groups; the seed's 2p+4 for G = 1): 0..p-1 numbers ("originals"), then G
+# groups of p aliases (token g*p+i means i), then END, RANDOM, NOT_RANDOM and one DEFINE per group (one shared
+# DEFINE would give G different answers to the same `DEFINE i END`). Every example is 4 tokens; the model
+# reads the first 3 and is trained on the 4th only:
+#   table 1 row:  x      y      END  (x^2+y^2) mod p            (all originals)
+#   table 2 row:  x+p    y+p    END  ((x^2+y^2) mod p) + p      (all aliases of group 1, the test group)
+#   linkage:      DEF    i      END  i+p                         (predict the alias of i)
+#   reverse link: DEF    i+p    END  i                           (--links_both_ways)
 # RANDOM and NOT_RANDOM are kept only so the vocabulary matches the original experiment.
+# Out-of-context meta-learning (--alias_groups G > 1, after Krasheninnikov et al.): groups 2..G are written
+# like group 1, but their whole table is in training, so a model can learn from them what a DEFINE statement
+# means; group 1 keeps the seed's held-out table 2 and linkages. Their rows count in the k2 and k3 losses.
 # The split is over unordered pairs {x, y}: (x, y) and (y, x) are always on the same side, otherwise
 # commutativity alone would answer part of the "held-out" rows.
-TABLE1, TABLE2, LINKS = 0, 1, 2
+TABLE1, TABLE2, LINKS, META_TABLES, META_LINKS = 0, 1, 2, 3, 4
+LOSS_OF_GROUP = {TABLE1: 0, TABLE2: 1, LINKS: 2, META_TABLES: 1, META_LINKS: 2}  # index into k
 
 
-def special_tokens(p):
-    return dict(END=2 * p, RANDOM=2 * p + 1, NOT_RANDOM=2 * p + 2, DEFINE=2 * p + 3)
+def special_tokens(p, alias_groups=1):
+    """END, RANDOM, NOT_RANDOM, then one DEFINE token per alias group (DEFINE is group 1's)."""
+    base = (alias_groups + 1) * p
+    return dict(END=base, RANDOM=base + 1, NOT_RANDOM=base + 2, DEFINE=base + 3)
 
 
-def vocab_size(p):
-    return 2 * p + 4
+def define_token(p, alias_groups, g):
+    """Group g's DEFINE: `DEFINE_g i END` names the group whose alias of i is the answer."""
+    return special_tokens(p, alias_groups)["DEFINE"] + g - 1
 
 
-def build_sequences(p):
-    """All 2p^2+p examples: (tokens [N, 4], group [N]). Row x*p+y of each table is the pair (x, y)."""
-    sp = special_tokens(p)
+def vocab_size(p, alias_groups=1):
+    return (alias_groups + 1) * p + 3 + alias_groups
+
+
+def build_sequences(p, alias_groups=1, links_both_ways=False):
+    """All examples: (tokens [N, 4], group [N]). Row x*p+y of table 1 and of every alias table is the pair
+    (x, y); table 1 comes first, then group 1's table, its linkages, then the meta groups' tables and linkages."""
+    sp = special_tokens(p, alias_groups)
     x = torch.arange(p).repeat_interleave(p)
     y = torch.arange(p).repeat(p)
     result = (x * x + y * y) % p
     end = torch.full_like(x, sp["END"])
-    table1 = torch.stack([x, y, end, result], 1)
-    table2 = torch.stack([x + p, y + p, end, result + p], 1)
     i = torch.arange(p)
-    links = torch.stack([torch.full_like(i, sp["DEFINE"]), i, torch.full_like(i, sp["END"]), i + p], 1)
-    tokens = torch.cat([table1, table2, links])
-    group = torch.cat([torch.full((p * p,), TABLE1), torch.full((p * p,), TABLE2), torch.full((p,), LINKS)])
-    return tokens, group
+    end_i = torch.full_like(i, sp["END"])
+    parts, groups = [torch.stack([x, y, end, result], 1)], [TABLE1]
+    for g in range(1, alias_groups + 1):
+        a = g * p  # group g's alias of n is n + a
+        define = torch.full_like(i, define_token(p, alias_groups, g))
+        links = [torch.stack([define, i, end_i, i + a], 1)]
+        if links_both_ways:
+            links.append(torch.stack([define, i + a, end_i, i], 1))
+        parts += [torch.stack([x + a, y + a, end, result + a], 1), torch.cat(links)]
+        groups += [TABLE2, LINKS] if g == 1 else [META_TABLES, META_LINKS]
+    group = torch.cat([torch.full((len(t),), g) for t, g in zip(parts, groups)])
+    return torch.cat(parts), group
 
 
 def heldout_rows(p, holdout, generator):
@@ -225,23 +324,35 @@ def heldout_rows(p, holdout, generator):
     return held.flatten()
 
 
-def make_split(p, holdout1, holdout2, seed):
-    """Boolean [2p^2+p] mask, True = training example. The two tables' held-out sets are drawn one after
-    the other from one seeded generator, so they are independent; linkages are always in training.
-    The split depends only on (p, holdouts, seed), not on k, so runs that differ in k are paired."""
+def make_split(p, holdout1, holdout2, seed, group):
+    """Boolean mask over the examples of `group`, True = training example. The two tables' held-out sets are
+    drawn one after the other from one seeded generator, so they are independent; linkages and meta tables
+    are always in training. The split depends only on (p, holdouts, seed), not on k, so runs that differ in k
+    are paired."""
     generator = torch.Generator().manual_seed(1_000_003 * seed + 17)
     held1 = heldout_rows(p, holdout1, generator)
     held2 = heldout_rows(p, holdout2, generator)
-    return torch.cat([~held1, ~held2, torch.ones(p, dtype=torch.bool)])
+    split = torch.ones(group.numel(), dtype=torch.bool)
+    split[group == TABLE1] = ~held1
+    split[group == TABLE2] = ~held2
+    return split
 
 
-def example_weights(p, spec, group, is_train):
-    """Per-example loss weight so that sum(w * CE) = k1*mean CE(table 1 train) + k2*... + k3*... ."""
+def covered_rows(p, split, group):
+    """[p*p] mask of held-out table-1 pairs whose table-2 (group 1) version is in training: the pairs that a
+    model using the linkages could answer from table 2."""
+    return ~split[group == TABLE1] & split[group == TABLE2]
+
+
+def example_weights(spec, group, is_train):
+    """Per-example loss weight so that sum(w * CE) = k1*mean CE(table 1 train) + k2*mean CE(alias tables
+    train) + k3*mean CE(linkages)."""
     weights = torch.zeros(group.numel())
-    for g in (TABLE1, TABLE2, LINKS):
-        rows = is_train & (group == g)
-        if spec.k[g] > 0 and rows.any():
-            weights[rows] = spec.k[g] / rows.sum().item()
+    family = torch.tensor([LOSS_OF_GROUP[g] for g in range(len(LOSS_OF_GROUP))])[group]
+    for loss in range(3):
+        rows = is_train & (family == loss)
+        if spec.k[loss] > 0 and rows.any():
+            weights[rows] = spec.k[loss] / rows.sum().item()
     return weights
 
 
@@ -253,6 +364,9 @@ def example_weights(p, spec, group, is_train):
 # no biases, no learned norm weights, zero-initialised output projections and head. There is no positional
 # embedding: the op is commutative and the answer position is fixed, and the model is then exactly
 # symmetric in (x, y).
+# Variants: tied embeddings read the logits off the normed input embeddings (scaled by 1/sqrt(d), so a
+# logit is sqrt(d) times a cosine); hard-wired runs replace every alias's embedding rows and head column by
+# its original's plus one learned vector per alias group (the "table" it belongs to).
 
 
 def norm(x):
@@ -262,7 +376,7 @@ def norm(x):
 def init_params(args, seed, device):
     """One run's weights, from its own seeded generator (the same for a run alone or inside a sweep)."""
     generator = torch.Generator().manual_seed(2_000_003 * seed + 29)
-    d, V = args.model_dim, vocab_size(args.p)
+    d, V = args.model_dim, vocab_size(args.p, args.alias_groups)
 
     def uniform(fan_in, fan_out):  # std 0.5/sqrt(fan_in), as the speedrun's linear layers
         bound = 0.5 * math.sqrt(3.0 / fan_in)
@@ -272,18 +386,49 @@ def init_params(args, seed, device):
         "embed00": torch.randn(V, d, generator=generator),
         "embed01": torch.randn(V, d, generator=generator),
         "lambdas": torch.tensor([1.0, 0.0, 0.0]).repeat(args.num_layers, 1),
-        "head": torch.zeros(d, V),
     }
+    if not args.tied_embeddings:
+        params["head"] = torch.zeros(d, V)
     for layer in range(args.num_layers):
         params[f"qkv{layer}"] = uniform(d, 3 * d)
         params[f"attn_out{layer}"] = torch.zeros(d, d)
         params[f"mlp_in{layer}"] = uniform(d, args.mlp_dim)
         params[f"mlp_out{layer}"] = torch.zeros(args.mlp_dim, d)
+    # the hard-wired control's per-group vectors (drawn last: the other weights do not depend on them)
+    params["alias_in00"] = 0.1 * torch.randn(args.alias_groups, d, generator=generator)
+    params["alias_in01"] = 0.1 * torch.randn(args.alias_groups, d, generator=generator)
+    if not args.tied_embeddings:
+        params["alias_out"] = torch.zeros(args.alias_groups, d)
     return {name: t.to(device) for name, t in params.items()}
 
 
 def stack_params(per_run):
     return {name: torch.stack([p[name] for p in per_run]).requires_grad_(True) for name in per_run[0]}
+
+
+def hardwire(table, group_vectors, p, mix):
+    """table [R, V, d]: alias rows of runs with mix 1 become their original's row plus their group's vector."""
+    R, V, d = table.shape
+    G = group_vectors.size(1)
+    source = torch.cat([torch.arange(p), torch.arange(p).repeat(G), torch.arange((G + 1) * p, V)]).to(table.device)
+    offset = torch.cat([table.new_zeros(R, p, d), group_vectors.repeat_interleave(p, dim=1),
+                        table.new_zeros(R, V - (G + 1) * p, d)], dim=1)
+    return table + mix.view(R, 1, 1) * (table[:, source] + offset - table)
+
+
+def token_tables(params, p, hardwired=None):
+    """The embeddings and head each run uses: (embed00 [R, V, d], embed01 [R, V, d], head [R, d, V]).
+    hardwired: None, or [R] 0/1 floats (1 = that run's aliases are wired to their originals)."""
+    e00, e01 = params["embed00"], params["embed01"]
+    head = params.get("head")
+    if hardwired is not None:
+        e00 = hardwire(e00, params["alias_in00"], p, hardwired)
+        e01 = hardwire(e01, params["alias_in01"], p, hardwired)
+        if head is not None:
+            head = hardwire(head.transpose(1, 2), params["alias_out"], p, hardwired).transpose(1, 2)
+    if head is None:  # tied
+        head = norm(e00).transpose(1, 2) / math.sqrt(e00.size(-1))
+    return e00, e01, head
 
 
 def linear(x, weight):
@@ -313,7 +458,13 @@ def mlp(x, in_weight, out_weight):
     return linear(F.relu(linear(norm(x), in_weight)).square(), out_weight)
 
 
-def forward(params, tokens, num_layers, num_heads):
+def first_layer_input(params, x00_vocab, x01_vocab):
+    """What block 0 reads for every vocabulary entry: l0*x00 + l1*x00 + l2*x01 [R, V, d]."""
+    lam = params["lambdas"][:, 0].view(-1, 3, 1, 1)
+    return (lam[:, 0] + lam[:, 1]) * x00_vocab + lam[:, 2] * x01_vocab
+
+
+def forward(params, tokens, num_layers, num_heads, p, hardwired=None):
     """tokens [R, N, 3] (each run its own examples) -> answer logits [R, N, V].
     Until the first attention everything depends on the token alone, so block 0's mixing and q, k, v are
     computed once per vocabulary entry and then gathered: exact, and ~3x cheaper than per position.
@@ -321,37 +472,51 @@ def forward(params, tokens, num_layers, num_heads):
     R = tokens.size(0)
     run = torch.arange(R, device=tokens.device).view(R, 1, 1)
     gather = lambda table: table[run, tokens]  # [R, V, ...] -> [R, N, 3, ...]
-    x00_vocab, x01_vocab = norm(params["embed00"]), norm(params["embed01"])
-    x = x00_vocab
+    embed00, embed01, head = token_tables(params, p, hardwired)
+    x00_vocab, x01_vocab = norm(embed00), norm(embed01)
     for layer in range(num_layers):
         last = layer == num_layers - 1
-        lam = params["lambdas"][:, layer].view(R, 3, 1, 1, 1)
         if layer == 0:
-            x = lam[:, 0, 0] * x + lam[:, 1, 0] * x00_vocab + lam[:, 2, 0] * x01_vocab  # [R, V, d]
+            x = first_layer_input(params, x00_vocab, x01_vocab)  # [R, V, d]
             q, k, v = map(gather, qkv_heads(x, params["qkv0"], num_heads))
             x = gather(x)
         else:
+            lam = params["lambdas"][:, layer].view(R, 3, 1, 1, 1)
             x = lam[:, 0] * x + lam[:, 1] * gather(x00_vocab) + lam[:, 2] * gather(x01_vocab)
             q, k, v = qkv_heads(x, params[f"qkv{layer}"], num_heads)
         if last:
             q, x = q[:, :, -1:], x[:, :, -1:]
         x = x + linear(attend(q, k, v).flatten(-2), params[f"attn_out{layer}"])
         x = x + mlp(x, params[f"mlp_in{layer}"], params[f"mlp_out{layer}"])
-    return linear(norm(x[:, :, -1]), params["head"]).float()
+    return linear(norm(x[:, :, -1]), head).float()
 
 
-def weighted_loss(params, tokens, targets, weights, num_layers, num_heads):
+def weighted_loss(params, tokens, targets, weights, num_layers, num_heads, p, hardwired=None):
     """Sum over runs of each run's k-weighted loss. Summing (not averaging) over runs keeps every run's
     gradient exactly what it would be alone; a weight of 0 removes an example from the gradient."""
-    logits = forward(params, tokens, num_layers, num_heads)
+    logits = forward(params, tokens, num_layers, num_heads, p, hardwired)
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(weights)
     return (ce * weights).sum()
+
+
+def alias_cosines(params, p, hardwired=None):
+    """Mean over i of the cosine between number i and its group-1 alias i+p: of what block 0 reads (input) and
+    of the head columns (output); beside each, the same for i and the alias of another number (i+1 mod p),
+    the level that says "no closer than any two tokens". -> dict of [R] tensors."""
+    embed00, embed01, head = token_tables(params, p, hardwired)
+    x_in = first_layer_input(params, norm(embed00), norm(embed01))
+    head = head.transpose(1, 2)
+    i = torch.arange(p, device=x_in.device)
+    other = (i + 1) % p + p
+    cos = lambda t, j: F.cosine_similarity(t[:, i], t[:, j], dim=-1).mean(-1)
+    return dict(cos_in=cos(x_in, i + p), cos_in_other=cos(x_in, other),
+                cos_out=cos(head, i + p), cos_out_other=cos(head, other))
 
 
 def matmul_flops_per_example(args):
     """Forward matmul FLOPs of one example as `forward` computes it: block 0's q, k, v are per vocabulary
     entry (not per example), the last block computes one position."""
-    d, m, V = args.model_dim, args.mlp_dim, vocab_size(args.p)
+    d, m, V = args.model_dim, args.mlp_dim, vocab_size(args.p, args.alias_groups)
     flops = 2 * d * V
     for layer in range(args.num_layers):
         positions = 1 if layer == args.num_layers - 1 else 3
@@ -386,12 +551,13 @@ class RunGroup:
 
     def __init__(self, args, specs, device):
         self.args, self.specs = args, specs
-        tokens, self.group = build_sequences(args.p)
+        tokens, self.group = build_sequences(args.p, args.alias_groups, args.links_both_ways)
         self.tokens = tokens.to(device)
-        splits = [make_split(args.p, s.holdout1, s.holdout2, s.seed) for s in specs]
-        self.is_train = torch.stack(splits).to(device)  # [R, N_all]
+        splits = [make_split(args.p, s.holdout1, s.holdout2, s.seed, self.group) for s in specs]
+        self.is_train = torch.stack(splits)  # [R, N_all], on the CPU (evaluation masks)
+        self.covered = torch.stack([covered_rows(args.p, split, self.group) for split in splits])  # [R, p*p]
         # Training examples of each run: only rows with a non-zero weight, padded with weight-0 rows.
-        weights = [example_weights(args.p, s, self.group, split) for s, split in zip(specs, splits)]
+        weights = [example_weights(s, self.group, split) for s, split in zip(specs, splits)]
         rows = [torch.nonzero(w > 0).squeeze(1) for w in weights]
         n_max = max(r.numel() for r in rows)
         self.train_count = sum(r.numel() for r in rows)
@@ -403,9 +569,12 @@ class RunGroup:
         train_examples = self.tokens[train_rows.to(device)]  # [R, n_max, 4]
         self.train_inputs, self.train_targets = train_examples[..., :3], train_examples[..., 3]
         self.train_weights = train_weights.to(device)
+        # None when no run is hard-wired: the plain runs then skip the wiring arithmetic
+        self.hardwired = (torch.tensor([float(s.hardwired) for s in specs], device=device)
+                          if any(s.hardwired for s in specs) else None)
         self.params = stack_params([init_params(args, s.seed, device) for s in specs])
         self.optimizer = make_optimizer(self.params, args)
-        use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
+        use_compile = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
         self.loss_fn = torch.compile(weighted_loss) if use_compile else weighted_loss
 
     def train_step(self, step):
@@ -413,7 +582,7 @@ class RunGroup:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss_fn(self.params, self.train_inputs, self.train_targets, self.train_weights,
-                            self.args.num_layers, self.args.num_heads)
+                            self.args.num_layers, self.args.num_heads, self.args.p, self.hardwired)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -421,27 +590,36 @@ class RunGroup:
     @torch.no_grad()
     def evaluate(self):
         """Every run on every example -> list of metric dicts (one per run)."""
+        args = self.args
         R, N = len(self.specs), self.tokens.size(0)
-        V = vocab_size(self.args.p)
-        chunk = max(1, (1 << 24) // (R * max(V, 3 * self.args.mlp_dim)))  # bounds activation memory
+        V = vocab_size(args.p, args.alias_groups)
+        chunk = max(1, (1 << 24) // (R * max(V, 3 * args.mlp_dim)))  # bounds activation memory
         losses, correct = [], []
         for start in range(0, N, chunk):
             examples = self.tokens[start:start + chunk]
-            logits = forward(self.params, examples[:, :3].expand(R, -1, -1), self.args.num_layers, self.args.num_heads)
+            logits = forward(self.params, examples[:, :3].expand(R, -1, -1), args.num_layers, args.num_heads,
+                             args.p, self.hardwired)
             target = examples[:, 3].expand(R, -1)
             losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(R, -1))
             correct.append((logits.argmax(-1) == target).float())
         losses, correct = torch.cat(losses, 1).cpu(), torch.cat(correct, 1).cpu()
-        table1, table2, links = (self.group == g for g in (TABLE1, TABLE2, LINKS))
+        cosines = {key: value.cpu() for key, value in alias_cosines(self.params, args.p, self.hardwired).items()}
+        table1, table2, links, meta = (self.group == g for g in (TABLE1, TABLE2, LINKS, META_TABLES))
         metrics = []
-        for r, train in enumerate(self.is_train.cpu()):
-            subsets = {"op1_train": train & table1, "op1_test": ~train & table1,
-                       "op2_train": train & table2, "op2_test": ~train & table2, "link": train & links}
+        for r, train in enumerate(self.is_train):
+            test1 = torch.zeros_like(train)
+            test1[table1] = ~train[table1]
+            covered = torch.zeros_like(train)
+            covered[table1] = self.covered[r]
+            subsets = {"op1_train": train & table1, "op1_test": test1, "op1_covered": covered,
+                       "op1_uncovered": test1 & ~covered, "op2_train": train & table2, "op2_test": ~train & table2,
+                       "link": links, "meta": meta}
             m = {}
             for key, rows in subsets.items():
                 empty = not rows.any()
                 m[f"{key}_loss"] = float("nan") if empty else losses[r, rows].mean().item()
                 m[f"{key}_acc"] = float("nan") if empty else correct[r, rows].mean().item()
+            m.update({key: value[r].item() for key, value in cosines.items()})
             metrics.append(m)
         return metrics
 
@@ -452,8 +630,9 @@ class RunGroup:
 
 SOLVED_ACC = 0.9  # a run is "solved" once its held-out table-1 accuracy reaches this
 
-METRIC_KEYS = ["op1_train_loss", "op1_train_acc", "op1_test_loss", "op1_test_acc", "op2_train_loss",
-               "op2_train_acc", "op2_test_loss", "op2_test_acc", "link_loss", "link_acc"]
+METRIC_KEYS = ["op1_train_loss", "op1_train_acc", "op1_test_loss", "op1_test_acc", "op1_covered_acc",
+               "op1_uncovered_acc", "op2_train_loss", "op2_train_acc", "op2_test_loss", "op2_test_acc", "link_loss",
+               "link_acc", "meta_acc", "cos_in", "cos_in_other", "cos_out", "cos_out_other"]
 
 
 def environment_lines(device):
@@ -472,11 +651,10 @@ def environment_lines(device):
 class RunLogs:
     """One log file per run; `echo` runs also print every line to stdout."""
 
-    def __init__(self, args, specs, device, echo):
-        os.makedirs(args.log_dir, exist_ok=True)
+    def __init__(self, args, specs, device, echo, rank=0, world_size=1):
         stamp = time.strftime("%Y%m%d_%H%M%S")
         script = open(__file__).read()
-        env = environment_lines(device)
+        env = environment_lines(device) + [f"rank {rank} of {world_size} ({device})"]
         self.echo, self.files, self.paths = echo, [], []
         for spec in specs:
             name = run_name(args.p, spec)
@@ -484,7 +662,7 @@ class RunLogs:
             path = os.path.join(args.log_dir, run_id + ".txt")
             f = open(path, "w")
             hyper = dataclasses.replace(args, holdout1=[spec.holdout1], holdout2=[spec.holdout2], k=list(spec.k),
-                                        seeds=[spec.seed])
+                                        seeds=[spec.seed], hardwired=spec.hardwired)
             f.write(script + "\n" + "=" * 100 + "\n" + "\n".join(env) + "\n" + "=" * 100 + "\n")
             f.write(f"run_name: {name} seed: {spec.seed}\n{hyper!r}\n")
             f.flush()
@@ -495,15 +673,13 @@ class RunLogs:
             print(f"run_name: {run_name(args.p, specs[0])} seed: {specs[0].seed}\n{args!r}", flush=True)
 
     def each(self, lines, echo=True):
-        """lines[r] to run r's log; with echo, the first run's line to stdout."""
+        """lines[r] to run r's log (None: nothing, the run has stopped); with echo, the first run's line to stdout."""
         for f, line in zip(self.files, lines):
-            f.write(line + "\n")
-            f.flush()
-        if self.echo and echo:
+            if line is not None:
+                f.write(line + "\n")
+                f.flush()
+        if self.echo and echo and lines[0] is not None:
             print(lines[0], flush=True)
-
-    def all(self, line, echo=True):
-        self.each([line] * len(self.files), echo)
 
     def close(self):
         for f in self.files:
@@ -512,78 +688,78 @@ class RunLogs:
 
 def peak_memory_line(device):
     if device.type == "cuda":
-        return (f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
     return f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
 
 
 # ---- Training loop ----
 
 
-def train_group(args, specs, device, echo):
-    """Train the runs in `specs` together; returns one dict per run: final metrics, per-eval history, log path."""
+def train_group(args, specs, device, echo, rank=0, world_size=1):
+    """Train the runs in `specs` together; returns one dict per run: final metrics, per-eval history, the step
+    it stopped at, log path. A run stops at --steps, or once its held-out table-1 accuracy has not improved
+    for --patience steps; from then on its result is frozen (the group trains on until every run stopped)."""
     group = RunGroup(args, specs, device)
-    logs = RunLogs(args, specs, device, echo)
+    logs = RunLogs(args, specs, device, echo, rank, world_size)
     flops_per_step = 3 * matmul_flops_per_example(args) * group.train_inputs.shape[0] * group.train_inputs.shape[1]
     peak = 989.5e12 if device.type == "cuda" else None  # H100 SXM dense bf16
     history = [[] for _ in specs]
+    best, best_step, stop_step = [-1.0] * len(specs), [0] * len(specs), [None] * len(specs)
     train_time_ms, timed_steps = 0.0, 0
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             metrics = group.evaluate()
             step_avg = f"{train_time_ms / timed_steps:.2f}" if timed_steps else "nan"
+            active = [stop_step[r] is None for r in range(len(specs))]
             logs.each([f"step:{step}/{args.steps} val_loss:{m['op1_test_loss']:.4f} train_time:{train_time_ms:.0f}ms "
-                       f"step_avg:{step_avg}ms" for m in metrics])
+                       f"step_avg:{step_avg}ms" if a else None for m, a in zip(metrics, active)])
             logs.each([f"step:{step}/{args.steps} " + " ".join(f"{key}:{m[key]:.4f}" for key in METRIC_KEYS)
-                       for m in metrics])
+                       if a else None for m, a in zip(metrics, active)])
             for r, m in enumerate(metrics):
+                if not active[r]:
+                    continue
+                if not math.isfinite(m["op1_train_loss"] if specs[r].k[0] > 0 else 0.0):
+                    die(f"run {run_name(args.p, specs[r])} seed {specs[r].seed}: the training loss is NaN at step "
+                        f"{step}; lower --lr (now {args.lr})")
                 history[r].append(dict(step=step, **m))
+                if m["op1_test_acc"] > best[r]:
+                    best[r], best_step[r] = m["op1_test_acc"], step
+                if step == args.steps or (args.patience and step - best_step[r] >= args.patience):
+                    stop_step[r] = step
+            logs.each([f"stopped at step {step}: held-out table-1 accuracy {best[r]:.4f} at step {best_step[r]} "
+                       f"not improved for {step - best_step[r]} steps (--patience {args.patience})"
+                       if a and stop_step[r] is not None and step < args.steps else None
+                       for r, a in enumerate(active)])
             if not echo:
                 accs = [m["op1_test_acc"] for m in metrics]
-                print(f"step:{step}/{args.steps} runs:{len(specs)} op1_test_acc mean:{sum(accs) / len(accs):.3f} "
-                      f"min:{min(accs):.3f} max:{max(accs):.3f} train_time:{train_time_ms:.0f}ms "
-                      f"step_avg:{step_avg}ms", flush=True)
-        if step == args.steps:
+                print(f"step:{step}/{args.steps} runs:{len(specs)} running:{stop_step.count(None)} "
+                      f"op1_test_acc mean:{sum(accs) / len(accs):.3f} min:{min(accs):.3f} max:{max(accs):.3f} "
+                      f"train_time:{train_time_ms:.0f}ms step_avg:{step_avg}ms", flush=True)
+        if None not in stop_step:
             break
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         group.train_step(step)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         elapsed = (time.perf_counter() - start) * 1000
         if step >= 1:  # step 0 includes compilation
             train_time_ms += elapsed
             timed_steps += 1
-        logs.all(f"step:{step + 1}/{args.steps} train_time:{train_time_ms:.0f}ms "
-                 f"step_avg:{train_time_ms / max(timed_steps, 1):.2f}ms", echo=not args.quiet)
+        if not args.quiet:
+            line = f"step:{step + 1}/{args.steps} train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / max(timed_steps, 1):.2f}ms"
+            logs.each([line if s is None else None for s in stop_step])
     if timed_steps:
         seconds = train_time_ms / 1000 / timed_steps
         mfu = f"{flops_per_step / seconds / peak:.4f}" if peak else "n/a"
-        logs.all(f"ms_per_step:{seconds * 1000:.2f} runs:{len(specs)} "
-                 f"examples_per_s:{group.train_count / seconds:.0f} "
-                 f"tokens_per_s:{3 * group.train_count / seconds:.0f} mfu:{mfu}")
-    logs.all(peak_memory_line(device))
+        logs.each([f"ms_per_step:{seconds * 1000:.2f} runs:{len(specs)} examples_per_s:{group.train_count / seconds:.0f} "
+                   f"tokens_per_s:{3 * group.train_count / seconds:.0f} mfu:{mfu}"] * len(specs))
+    logs.each([peak_memory_line(device)] * len(specs))
     logs.close()
-    return [dict(spec=spec, final=h[-1], history=h, log=path) for spec, h, path in zip(specs, history, logs.paths)]
-
-
-def train_runs(args, specs, echo=False):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    # Groups of similar training-set size waste less compute on padding.
-    order = sorted(range(len(specs)), key=lambda i: train_size_estimate(args.p, specs[i]))
-    size = args.max_runs_per_batch or len(specs)
-    results = [None] * len(specs)
-    for start in range(0, len(specs), size):
-        chunk = order[start:start + size]
-        for i, result in zip(chunk, train_group(args, [specs[i] for i in chunk], device, echo)):
-            results[i] = result
-    return results
+    return [dict(spec=spec, final=h[-1], history=h, stop_step=s, log=path)
+            for spec, h, s, path in zip(specs, history, stop_step, logs.paths)]
 
 
 def train_size_estimate(p, spec):
@@ -591,7 +767,55 @@ def train_size_estimate(p, spec):
         + (spec.k[2] > 0) * p
 
 
+def run_groups(args, specs, world_size=1):
+    """The grid cut into groups trained together: runs ordered by training-set size (similar sizes waste
+    less compute on padding), --max_runs_per_batch at a time (0: one group per rank)."""
+    order = sorted(range(len(specs)), key=lambda i: train_size_estimate(args.p, specs[i]))
+    size = args.max_runs_per_batch or math.ceil(len(specs) / world_size)
+    return [order[start:start + size] for start in range(0, len(specs), size)]
+
+
+def share_of_rank(args, specs, groups, rank, world_size):
+    """The groups rank `rank` trains: largest group first to the least loaded rank (cost of a group ~ runs x
+    padded training-set size), so the ranks finish together."""
+    cost = lambda g: len(g) * max(train_size_estimate(args.p, specs[i]) for i in g)
+    load, mine = [0.0] * world_size, []
+    for g in sorted(groups, key=cost, reverse=True):
+        least = load.index(min(load))
+        load[least] += cost(g)
+        if least == rank:
+            mine.append(g)
+    return mine
+
+
+def train_runs(args, specs, echo=False, device=None, rank=0, world_size=1):
+    """Train this rank's share of `specs` -> {index in specs: result}; prints progress per finished group."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    mine = share_of_rank(args, specs, run_groups(args, specs, world_size), rank, world_size)
+    total, results, start = sum(map(len, mine)), {}, time.perf_counter()
+    for chunk in mine:
+        for i, result in zip(chunk, train_group(args, [specs[i] for i in chunk], device, echo, rank, world_size)):
+            results[i] = result
+        if not echo:
+            print(f"progress: rank {rank}/{world_size} runs done {len(results)}/{total} (grid {len(specs)}) "
+                  f"elapsed {time.perf_counter() - start:.0f}s", flush=True)
+    return results
+
+
 # ---- Sweep outputs ----
+# runs.csv (one row per run), history.csv (every evaluation of every run), summary.csv and table.md (one row
+# per cell and arm: mean ± std over seeds; the effect = paired difference to (1,0,0) with the same seed and
+# split), heatmap.png and curves.png. Metrics of a loss that a run does not train (k2 = 0: table 2, k3 = 0:
+# linkages) are left blank.
+
+TABLE_KEYS = ["op1_test_acc", "op1_covered_acc", "op1_uncovered_acc", "op2_test_acc", "link_acc", "cos_in",
+              "cos_in_other", "cos_out", "cos_out_other"]
+BASELINE = (1.0, 0.0, 0.0)
 
 
 def best_op1_test_acc(result):
@@ -603,111 +827,229 @@ def solved_step(result):
     return next((h["step"] for h in result["history"] if h["op1_test_acc"] >= SOLVED_ACC), None)
 
 
+def trained(spec, key):
+    """False for the metrics of a table a run never trains on."""
+    return not ((key.startswith("op2") and spec.k[1] == 0) or (key.startswith("link") and spec.k[2] == 0))
+
+
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+
+
+def arm_key(spec):
+    return spec.k, spec.hardwired
+
+
 def summarise(results):
-    """Mean/std over seeds per (holdout1, holdout2, k) -> rows for the table."""
+    """Mean/std over seeds per (holdout1, holdout2, arm) -> rows for the table."""
     cells = {}
     for res in results:
         s = res["spec"]
-        cells.setdefault((s.holdout1, s.holdout2, s.k), []).append(res)
+        cells.setdefault((s.holdout1, s.holdout2, arm_key(s)), []).append(res)
     rows = []
-    for (h1, h2, k), runs in cells.items():
-        final = lambda key: [r["final"][key] for r in runs]
-        mean = lambda values: sum(values) / len(runs)
-        acc = torch.tensor(final("op1_test_acc"))
-        rows.append(dict(holdout1=h1, holdout2=h2, k=k, seeds=len(runs), op1_test_acc_mean=acc.mean().item(),
-                         op1_test_acc_std=acc.std().item() if len(runs) > 1 else 0.0,
-                         op1_test_acc_min=acc.min().item(),
-                         solved=sum(a >= SOLVED_ACC for a in final("op1_test_acc")),
-                         op1_test_acc_best_mean=mean(map(best_op1_test_acc, runs)),
-                         op1_train_acc_mean=mean(final("op1_train_acc")),
-                         op2_test_acc_mean=mean(final("op2_test_acc")),
-                         link_acc_mean=mean(final("link_acc"))))
+    for (h1, h2, arm), runs in cells.items():
+        spec = runs[0]["spec"]
+        row = dict(holdout1=h1, holdout2=h2, arm=arm_label(spec), seeds=len(runs))
+        for key in TABLE_KEYS:
+            mean, std = mean_std([r["final"][key] for r in runs]) if trained(spec, key) else (None, None)
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        row["op1_test_acc_best_mean"] = mean_std([best_op1_test_acc(r) for r in runs])[0]
+        solved = [solved_step(r) for r in runs if solved_step(r) is not None]
+        row["solved"] = len(solved)
+        row["solved_step_mean"] = sum(solved) / len(solved) if solved else None
+        row["stop_step_mean"] = sum(r["stop_step"] for r in runs) / len(runs)
+        baseline = cells.get((h1, h2, (BASELINE, False)))
+        if baseline is not None and arm != (BASELINE, False):
+            base_acc = {r["spec"].seed: r["final"]["op1_test_acc"] for r in baseline}
+            diffs = [r["final"]["op1_test_acc"] - base_acc[r["spec"].seed] for r in runs if r["spec"].seed in base_acc]
+            row["effect_mean"], row["effect_std"] = mean_std(diffs) if diffs else (None, None)
+            row["effect_wins"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        else:
+            row["effect_mean"] = row["effect_std"] = row["effect_wins"] = None
+        rows.append(row)
     return rows
+
+
+def cell_text(row, key, digits=3):
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if mean is None:
+        return ""
+    return f"{mean:+.{digits}f} ± {std:.{digits}f}" if key == "effect" else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_sweep_outputs(args, results, command):
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_name", "p", "holdout1", "holdout2", "k1", "k2", "k3", "seed", "steps", "solved_step",
-                         "op1_test_acc_best"]
-                        + METRIC_KEYS + ["log"])
+        writer.writerow(["run_name", "p", "holdout1", "holdout2", "k1", "k2", "k3", "hardwired", "seed", "steps",
+                         "stop_step", "solved_step", "op1_test_acc_best"] + METRIC_KEYS + ["log"])
         for res in results:
             s, m = res["spec"], res["final"]
-            writer.writerow([run_name(args.p, s), args.p, s.holdout1, s.holdout2, *s.k, s.seed, args.steps,
-                             "" if solved_step(res) is None else solved_step(res),
+            writer.writerow([run_name(args.p, s), args.p, s.holdout1, s.holdout2, *s.k, int(s.hardwired), s.seed,
+                             args.steps, res["stop_step"], "" if solved_step(res) is None else solved_step(res),
                              f"{best_op1_test_acc(res):.6f}"]
-                            + [f"{m[key]:.6f}" for key in METRIC_KEYS] + [res["log"]])
+                            + [f"{m[key]:.6f}" if trained(s, key) else "" for key in METRIC_KEYS] + [res["log"]])
+    with open(os.path.join(args.out_dir, "history.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_name", "seed", "step"] + METRIC_KEYS)
+        for res in results:
+            for h in res["history"]:
+                writer.writerow([run_name(args.p, res["spec"]), res["spec"].seed, h["step"]]
+                                + [f"{h[key]:.6f}" for key in METRIC_KEYS])
     rows = summarise(results)
     with open(os.path.join(args.out_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(list(rows[0]))
         for row in rows:
-            writer.writerow([" ".join(map(fmt, v)) if isinstance(v, tuple) else v for v in row.values()])
-    chance = 1 / args.p
-    lines = [f"Final accuracy on held-out table-1 rows after {args.steps} steps, p={args.p} (chance {chance:.3f}), "
-             f"mean ± std over seeds; solved = seeds with final accuracy >= {SOLVED_ACC:g}; "
-             f"best = highest accuracy at any evaluation (mean over seeds).", "",
-             "| holdout1 | holdout2 | k1 k2 k3 | seeds | op1 test acc | min | solved | best during training "
-             "| op1 train acc | op2 test acc | link acc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+            writer.writerow(["" if v is None else v for v in row.values()])
+    lines = [f"Held-out table-1 accuracy, p={args.p} (chance {1 / args.p:.3f}), at the end of each run (--steps "
+             f"{args.steps}, --patience {args.patience or 'off'}), mean ± std over seeds. covered / uncovered: held-out "
+             f"table-1 pairs whose alias pair is / is not in table 2's training set. effect: paired difference to "
+             f"(1,0,0) with the same seed (wins = seeds where it is > 0). best: highest accuracy at any evaluation; "
+             f"solved: seeds reaching {SOLVED_ACC:g}, at mean step. cos in / out: cosine of i and i+p (block-0 input, "
+             f"head column), beside it the cosine of i and another number's alias. Blank: a table the run does not "
+             f"train.", "",
+             "| holdout1 | holdout2 | k1 k2 k3 | seeds | op1 test acc | covered | uncovered | effect vs (1,0,0) | wins "
+             "| best | solved (step) | stop step | op2 test acc | link acc | cos in (other) | cos out (other) |",
+             "|" + "---|" * 16]
     for row in rows:
-        lines.append(f"| {fmt(row['holdout1'])} | {fmt(row['holdout2'])} | {' '.join(map(fmt, row['k']))} | "
-                     f"{row['seeds']} | {row['op1_test_acc_mean']:.3f} ± {row['op1_test_acc_std']:.3f} | "
-                     f"{row['op1_test_acc_min']:.3f} | {row['solved']}/{row['seeds']} | {row['op1_test_acc_best_mean']:.3f} | "
-                     f"{row['op1_train_acc_mean']:.3f} | {row['op2_test_acc_mean']:.3f} | {row['link_acc_mean']:.3f} |")
+        solved = f"{row['solved']}/{row['seeds']}" + (f" ({row['solved_step_mean']:.0f})" if row["solved"] else "")
+        lines.append(
+            f"| {fmt(row['holdout1'])} | {fmt(row['holdout2'])} | {row['arm']} | {row['seeds']} | "
+            f"{cell_text(row, 'op1_test_acc')} | {cell_text(row, 'op1_covered_acc')} | "
+            f"{cell_text(row, 'op1_uncovered_acc')} | {cell_text(row, 'effect')} | {row['effect_wins'] or ''} | "
+            f"{row['op1_test_acc_best_mean']:.3f} | {solved} | {row['stop_step_mean']:.0f} | "
+            f"{cell_text(row, 'op2_test_acc')} | {cell_text(row, 'link_acc')} | "
+            f"{row['cos_in_mean']:.2f} ({row['cos_in_other_mean']:.2f}) | "
+            f"{row['cos_out_mean']:.2f} ({row['cos_out_other_mean']:.2f}) |")
     lines += ["", f"Command: `{command}`"]
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_heatmap(args, rows, os.path.join(args.out_dir, "heatmap.png"))
+    plot_curves(args, results, os.path.join(args.out_dir, "curves.png"))
     return "\n".join(lines)
 
 
-def plot_heatmap(args, rows, path):
-    """One panel per loss-weight triple: mean final table-1 test accuracy over the holdout grid."""
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_heatmap(args, rows, path):
+    """One panel per arm: mean final table-1 test accuracy over the holdout grid."""
+    plt = pyplot()
     h1s, h2s = sorted(set(args.holdout1)), sorted(set(args.holdout2))
-    triples = k_triples(args)
-    fig, axes = plt.subplots(1, len(triples), figsize=(1.0 + 0.9 * len(h2s) * len(triples) + 1.5 * len(triples),
-                                                       1.5 + 0.7 * len(h1s)), squeeze=False)
-    cell = {(r["holdout1"], r["holdout2"], r["k"]): r for r in rows}
-    for ax, k in zip(axes[0], triples):
-        grid_acc = [[cell[(h1, h2, k)]["op1_test_acc_mean"] for h2 in h2s] for h1 in h1s]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    fig, axes = plt.subplots(1, len(arms), figsize=(1.0 + 0.9 * len(h2s) * len(arms) + 1.5 * len(arms),
+                                                    1.5 + 0.7 * len(h1s)), squeeze=False)
+    cell = {(r["holdout1"], r["holdout2"], r["arm"]): r for r in rows}
+    for ax, arm in zip(axes[0], arms):
+        grid_acc = [[cell[(h1, h2, arm)]["op1_test_acc_mean"] for h2 in h2s] for h1 in h1s]
         image = ax.imshow(grid_acc, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         for i, h1 in enumerate(h1s):
             for j, h2 in enumerate(h2s):
-                c = cell[(h1, h2, k)]
+                c = cell[(h1, h2, arm)]
                 ax.text(j, i, f"{c['op1_test_acc_mean']:.2f}\n{c['solved']}/{c['seeds']}", ha="center", va="center",
                         color="white" if c["op1_test_acc_mean"] < 0.6 else "black", fontsize=8)
         ax.set_xticks(range(len(h2s)), [fmt(h) for h in h2s])
         ax.set_yticks(range(len(h1s)), [fmt(h) for h in h1s])
         ax.set_xlabel("holdout2 (alias table)")
-        ax.set_title(f"k = ({', '.join(map(fmt, k))})")
+        ax.set_title(f"k = {arm}", fontsize=9)
     axes[0][0].set_ylabel("holdout1 (original table)")
     fig.colorbar(image, ax=axes[0].tolist(), label="table-1 held-out accuracy")
-    fig.suptitle(f"(x²+y²) mod {args.p}: held-out table-1 accuracy after {args.steps} steps", fontsize=10)
+    fig.suptitle(f"(x²+y²) mod {args.p}: final held-out table-1 accuracy (mean over seeds; solved/seeds)", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def seed_mean_curve(runs, key):
+    """Steps and the mean over seeds of `key`; a run that stopped early holds its final value."""
+    steps = sorted({h["step"] for r in runs for h in r["history"]})
+    curves = []
+    for r in runs:
+        by_step, value, curve = {h["step"]: h[key] for h in r["history"]}, r["history"][0][key], []
+        for s in steps:
+            value = by_step.get(s, value)
+            curve.append(value)
+        curves.append(curve)
+    return steps, [sum(c) / len(c) for c in zip(*curves)]
+
+
+def plot_curves(args, results, path):
+    """Per holdout cell (columns): held-out table-1 accuracy on covered (solid) and uncovered (dashed) pairs,
+    and the i / i+p cosine of block 0's input (solid; dotted: i and another number's alias), per arm, over
+    training, mean over seeds."""
+    plt = pyplot()
+    cells = list(dict.fromkeys((r["spec"].holdout1, r["spec"].holdout2) for r in results))
+    arms = list(dict.fromkeys(arm_key(r["spec"]) for r in results))
+    fig, axes = plt.subplots(2, len(cells), figsize=(4.2 * len(cells), 6.5), squeeze=False, sharex=True)
+    for col, (h1, h2) in enumerate(cells):
+        for n, arm in enumerate(arms):
+            runs = [r for r in results if (r["spec"].holdout1, r["spec"].holdout2) == (h1, h2) and arm_key(r["spec"]) == arm]
+            color, label = f"C{n}", arm_label(runs[0]["spec"])
+            for key, style, row in (("op1_covered_acc", "-", 0), ("op1_uncovered_acc", "--", 0),
+                                    ("cos_in", "-", 1), ("cos_in_other", ":", 1)):
+                steps, values = seed_mean_curve(runs, key)
+                axes[row][col].plot(steps, values, style, color=color, label=label if style == "-" else None)
+        axes[0][col].set_title(f"holdout1 {fmt(h1)}, holdout2 {fmt(h2)}", fontsize=9)
+        axes[1][col].set_xlabel("step")
+    axes[0][0].set_ylabel("held-out table-1 acc\n(solid covered, dashed uncovered)")
+    axes[1][0].set_ylabel("cos(i, i+p) at block 0 input\n(dotted: i vs another alias)")
+    axes[0][0].legend(fontsize=7, title="k1 k2 k3", title_fontsize=7)
+    fig.suptitle(f"(x²+y²) mod {args.p}, mean over seeds", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 # ---- Main ----
+# Under torchrun (./run.sh oocl.py sweep ...), every rank trains its share of the grid's run groups on its own
+# device (cuda:LOCAL_RANK) and writes those runs' logs; rank 0 gathers the results and writes the sweep's
+# outputs. A run's result does not depend on the rank that trains it. A single run trains on rank 0 only.
+
+
+def distributed_env():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_device(local_rank):
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def main(argv):
     mode, args = parse_args(argv)
-    specs = grid(args)
+    specs = grid(args, mode)
+    rank, world_size, local_rank = distributed_env()
     if mode == "single":
-        result = train_runs(args, specs, echo=True)[0]
+        if rank != 0:
+            print(f"oocl.py: rank {rank} of {world_size}: a single run trains on rank 0 only; this rank exits", flush=True)
+            return None
+        result = train_runs(args, specs, echo=True, device=rank_device(local_rank))[0]
         print(f"log: {result['log']}")
         return result
-    print(f"sweep: {len(specs)} runs ({len(args.holdout1)} holdout1 x {len(args.holdout2)} holdout2 x "
-          f"{len(k_triples(args))} k x {len(args.seeds)} seeds), p={args.p}, {args.steps} steps", flush=True)
-    results = train_runs(args, specs, echo=False)
-    command = "python oocl.py " + " ".join(argv)
+    if rank == 0:
+        print(f"sweep: {len(specs)} runs ({len(args.holdout1)} holdout1 x {len(args.holdout2)} holdout2 x "
+              f"{len(specs) // (len(args.holdout1) * len(args.holdout2) * len(args.seeds))} arms x {len(args.seeds)} "
+              f"seeds), p={args.p}, {args.steps} steps, {world_size} process(es)", flush=True)
+    if world_size > 1:
+        dist.init_process_group("gloo")  # the ranks exchange only the results: python objects on the CPU
+    mine = train_runs(args, specs, echo=False, device=rank_device(local_rank), rank=rank, world_size=world_size)
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
+        mine = {i: result for part in gathered for i, result in part.items()}
+    results = [mine[i] for i in range(len(specs))]
+    command = "python oocl.py sweep " + " ".join(argv[1:])
     print(write_sweep_outputs(args, results, command))
-    print(f"wrote {args.out_dir}/table.md, summary.csv, runs.csv, heatmap.png")
+    print(f"wrote {args.out_dir}/table.md, summary.csv, runs.csv, history.csv, heatmap.png, curves.png")
     return results
 
 
