@@ -11,11 +11,11 @@
 #              (needs RECORD_LOG, see below) on the same synthetic shards, RECORD_STEPS steps each
 #     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 5 minutes of
 #              training at the default size, its results table on the papers' test sets
-#     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS)
+#     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS): p = 113, 12 runs (4 arms x 3 seeds) of 1000 steps
 #
 # Environment:
-#   GPU_CHECK_DIR   where results go (default records/gpu/<date>_<gpu name>; on the device machine point it
-#                   under $OUT, then copy the folder into records/gpu/ here)
+#   GPU_CHECK_DIR   where results go (default records/gpu/<date>_<gpu name>; on the device machine a scratch
+#                   folder, packed into $OUT with tar: records/gpu/README.md)
 #   GPT_STEPS=30    timed steps of the gpt part          RECORD_STEPS=60   steps of each record run
 #   RECORD_LOG      a public record log (e.g. the GPT-2 Medium record's 000_592014ec-...txt): its first part is
 #                   the record script's text, which the record part extracts and runs unchanged except for its
@@ -141,7 +141,7 @@ part_icot() {
 part_oocl() {
     # shellcheck disable=SC2086
     timed oocl 'runs|steps/s|step_avg|wall|Error|error' "$PYTHON" oocl.py \
-        ${OOCL_ARGS:-sweep --p 113 --holdout1 0.5 0.8 --holdout2 0.5 --k 1 0 0 1 1 1 --seeds 0 1 2 --out_dir $CHECK_DIR/oocl}
+        ${OOCL_ARGS:-sweep --p 113 --model_dim 128 --mlp_dim 512 --num_heads 4 --lr 1e-3 --eval_every 250 --holdout1 0.9 --holdout2 0.3 --k 1 0 0 1 1 1 --seeds 0 1 2 --steps 1000 --quiet --out_dir $CHECK_DIR/oocl}
 }
 
 write_env

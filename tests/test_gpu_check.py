@@ -109,3 +109,17 @@ def test_record_part_runs_the_public_script_from_its_log_on_the_synthetic_shards
     assert "fineweb_val_000000.bin -> " in data
     record_log = (check.out / "public_record.log").read_text()
     assert "step:3/5690" in record_log and "step:4/5690" not in record_log  # stopped after RECORD_STEPS
+
+
+def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
+    result = check.run("icot", "oocl")
+    assert result.returncode == 0, result.stderr
+    icot = [line for line in check.lines() if "train_icot.py" in line]
+    oocl = [line for line in check.lines() if "oocl.py" in line]
+    assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5" in icot[0]
+    assert f"--log_dir={check.out}/icot" in icot[0]
+    assert len(oocl) == 1 and "oocl.py sweep --p 113 --model_dim 128" in oocl[0] and f"--out_dir {check.out}/oocl" in oocl[0]
+    summary = (check.out / "summary.md").read_text()
+    assert "| icot | " in summary and "| oocl | " in summary
+    check.run("icot", ICOT_ARGS="teacher --task=5x5")
+    assert check.lines()[-1].endswith("train_icot.py teacher --task=5x5")
