@@ -114,6 +114,9 @@ class Hyperparameters:
     stepwise_patience: int = 5
     stepwise_max_steps: int = 100000
     stepwise_decay_steps: int = 1000
+    stepwise_keep_positions: bool = False  # the remaining tokens keep their teacher-layout positions (the paper code's
+    # --keep_position): rotary offsets between the operands and the later CoT/answer tokens stay the same at every
+    # increment, instead of shrinking by one with each removed token
     # evaluation
     eval_every: int = 1000
     eval_lines: int = 1000            # validation lines evaluated during training
@@ -153,6 +156,7 @@ FIELD_HELP = {
     "stepwise_remove": "CoT tokens removed per increment", "stepwise_remove_per_epoch": "CoT tokens removed per epoch",
     "stepwise_lambda": "removal smoothing: P(extra o) ~ exp(-lambda o)",
     "stepwise_patience": "no-CoT evaluations without improvement before the final decay",
+    "stepwise_keep_positions": "stepwise: the remaining tokens keep their teacher positions (a gap where CoT was)",
     "compile": "auto (CUDA only), true or false", "stage_minutes": "training-time budget of a stage (0: none)",
     "resume": "stepwise: continue the removal schedule from <ckpt_dir>/stepwise.pt",
 }
@@ -466,13 +470,19 @@ def drop_cot(tokens, layout, removed):
     return torch.cat([tokens[:, :layout.sep1 + 1], tokens[:, layout.sep1 + 1 + removed:]], dim=1)
 
 
+def kept_positions(width, layout, removed, device):
+    """Teacher-layout position of each of the first `width` tokens of a line whose first `removed` CoT tokens are
+    dropped (removed: an int, or (B,) ints per line): (1 or B, width)."""
+    position = torch.arange(width, device=device)[None, :]
+    removed = torch.as_tensor(removed, device=device).reshape(-1, 1)
+    return torch.where(position <= layout.sep1, position, position + removed)
+
+
 def drop_cot_rows(tokens, layout, removed):
     """Each line its own number of removed CoT tokens (removed: (B,) ints): the lines are shifted left and padded
     on the right with <eos> to the longest; returns (seq, mask of the real tokens). Padding comes after every real
     token, so with causal attention and rotary (relative) positions no real token ever sees it."""
-    width = layout.seq_len - int(removed.min())
-    position = torch.arange(width, device=tokens.device)[None, :]
-    source = torch.where(position <= layout.sep1, position, position + removed[:, None].to(position.device))
+    source = kept_positions(layout.seq_len - int(removed.min()), layout, removed, tokens.device)
     real = source < layout.seq_len
     seq = tokens.gather(1, source.clamp(max=layout.seq_len - 1))
     return seq.masked_fill(~real, EOS), real
@@ -517,9 +527,12 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
-    def forward(self, seq_len):
-        angles = torch.outer(torch.arange(seq_len, device=self.inv_freq.device).float(), self.inv_freq)
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    def forward(self, seq_len, positions=None):
+        """cos, sin of positions 0..seq_len-1, or of the given (1 or B, seq_len) positions."""
+        if positions is None:
+            positions = torch.arange(seq_len, device=self.inv_freq.device)[None, :]
+        angles = positions.float()[..., None] * self.inv_freq
+        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
 def apply_rotary(x, cos, sin):
@@ -580,10 +593,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(hp.model_dim, VOCAB_SIZE, bias=False)
         nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, idx, layer_fn=None):
-        """Final normed hidden states; layer_fn(layer, x) -> x sees (and may rewrite) the state entering each block."""
+    def forward(self, idx, layer_fn=None, positions=None):
+        """Final normed hidden states; layer_fn(layer, x) -> x sees (and may rewrite) the state entering each block;
+        positions: rotary positions of the tokens (default 0..T-1)."""
         x00, x01 = norm(self.embed0(idx)), norm(self.embed1(idx))
-        cos, sin = self.rotary(idx.size(1))
+        cos, sin = self.rotary(idx.size(1), positions)
         x = x00
         for layer, block in enumerate(self.blocks):
             if layer_fn is not None:
@@ -653,6 +667,7 @@ class IcotModel(nn.Module):
         self.kind, self.layout, self.n_layer = kind, layout, hp.n_layer
         self.positions = state_positions(layout, hp.n_layer, hp.states)
         self.removed = 0 if kind in ("teacher", "stepwise") else layout.cot_len  # CoT tokens dropped from the front
+        self.keep_positions = kind == "stepwise" and hp.stepwise_keep_positions
         if kind != "emulator":
             self.lm = GPT(hp)
         if kind in ("mindread", "couple"):
@@ -694,12 +709,16 @@ class IcotModel(nn.Module):
             return self.emulator(tokens[:, :self.layout.sep1 + 1])
         return None
 
-    def hidden(self, seq, states):
-        """Final hidden states of the language model on seq, the states injected at '||' entering every layer."""
+    def hidden(self, seq, states, removed=None):
+        """Final hidden states of the language model on seq (lines with `removed` CoT tokens dropped: an int or (B,)
+        ints; default self.removed), the states injected at '||' entering every layer."""
+        removed = self.removed if removed is None else removed
+        positions = kept_positions(seq.size(1), self.layout, removed, seq.device) if self.keep_positions else None
         if states is None:
-            return self.lm(seq)
+            return self.lm(seq, positions=positions)
         sep1, inject = self.layout.sep1, self.inject
-        return self.lm(seq, lambda layer, x: replace_position(x, sep1, inject[layer](states[:, layer].to(x.dtype))))
+        return self.lm(seq, lambda layer, x: replace_position(x, sep1, inject[layer](states[:, layer].to(x.dtype))),
+                       positions)
 
     def forward(self, tokens, reduction="mean", removed_rows=None):
         """Training loss of a batch of teacher-layout lines: squared error summed over the state dimension, averaged
@@ -717,7 +736,7 @@ class IcotModel(nn.Module):
         else:
             seq = drop_cot(tokens, self.layout, self.removed)
             targets = seq[:, sep1 + 1:]
-        logits = self.lm.logits(self.hidden(seq[:, :-1], self.student_states(tokens))[:, sep1:])
+        logits = self.lm.logits(self.hidden(seq[:, :-1], self.student_states(tokens), removed_rows)[:, sep1:])
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
 
     @torch.no_grad()
@@ -763,6 +782,7 @@ def save_checkpoint(path, model, hp, teacher_path=None, state=None):
     state = state if state is not None else model.state_dict()
     torch.save({"kind": model.kind, "config": {f: getattr(hp, f) for f in MODEL_FIELDS},
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
+                "keep_positions": model.keep_positions,
                 "model": {k: v.cpu() for k, v in state.items()}}, path)
 
 
@@ -791,6 +811,7 @@ def load_checkpoint(path, hp, teacher_path=None):
     model = IcotModel(saved["kind"], config, Layout(**saved["layout"]), teacher)
     load_weights(model, saved["model"], path)
     model.removed = saved["removed"]  # stepwise ends with no CoT left
+    model.keep_positions = saved.get("keep_positions", False)  # checkpoints from before the option: contiguous
     model.teacher_path = teacher_path
     return model.to(DEVICE)
 
@@ -1197,7 +1218,12 @@ def build_stage_model(kind, hp, layout):
         model.teacher_path = emulator.teacher_path
         return model
     if kind == "stepwise" and hp.resume:  # its weights and removed CoT tokens; the schedule goes on from there
-        return load_checkpoint(os.path.join(hp.ckpt_dir, "stepwise.pt"), hp)
+        path = os.path.join(hp.ckpt_dir, "stepwise.pt")
+        model = load_checkpoint(path, hp)
+        if model.keep_positions != hp.stepwise_keep_positions:
+            die(f"{path} was trained with stepwise_keep_positions={model.keep_positions}: resume it with the same "
+                f"value (--{'' if model.keep_positions else 'no-'}stepwise_keep_positions)")
+        return model
     teacher = load_teacher(teacher_path, hp) if kind in ("mindread", "emulator", "stepwise") else None
     model = IcotModel(kind, hp, layout, teacher if kind != "stepwise" else None).to(DEVICE)
     if teacher is not None:

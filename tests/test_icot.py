@@ -249,6 +249,50 @@ def test_drop_cot_rows_shifts_each_line_by_its_own_count():
         assert (seq[row, len(expected):] == icot.EOS).all()
 
 
+def test_kept_positions_leave_a_gap_where_the_cot_was():
+    layout = layout_of(LINE_4X4)
+    tokens = torch.tensor([icot.encode(LINE_4X4)] * 2)
+    seq, real = icot.drop_cot_rows(tokens, layout, torch.tensor([2, 5]))
+    positions = icot.kept_positions(seq.size(1), layout, torch.tensor([2, 5]), seq.device)
+    assert positions[:, :layout.sep1 + 1].tolist() == [list(range(layout.sep1 + 1))] * 2
+    assert positions[:, layout.sep1 + 1].tolist() == [layout.sep1 + 3, layout.sep1 + 6]
+    # every kept token sits at its teacher-layout position
+    assert torch.equal(tokens.gather(1, positions.clamp(max=layout.seq_len - 1))[real], seq[real])
+
+
+def test_stepwise_keep_positions_in_training_decoding_and_checkpoints(tmp_path, monkeypatch):
+    """--stepwise_keep_positions: rotary sees the teacher-layout positions (a gap where the CoT was) in the loss and
+    in greedy decoding alike, and the checkpoint remembers it."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_keep_positions=True)
+    contiguous = icot.IcotModel("stepwise", hp_plain := icot.dataclasses.replace(hp, stepwise_keep_positions=False),
+                                train_set.layout)
+    torch.manual_seed(1)
+    for parameter in model.parameters():  # nothing zero, so positions change the outputs
+        torch.nn.init.normal_(parameter, std=0.3)
+    contiguous.load_state_dict(model.state_dict())
+    layout, batch = train_set.layout, train_set.tokens[:16]
+    assert torch.allclose(model(batch), contiguous(batch))  # nothing removed: the same model
+    model.removed = contiguous.removed = 3
+    assert not torch.allclose(model(batch), contiguous(batch))
+    seen, real_rotary = [], icot.Rotary.forward
+    monkeypatch.setattr(icot.Rotary, "forward", lambda self, n, positions=None: seen.append(positions) or
+                        real_rotary(self, n, positions))
+    rows = torch.tensor([3, 4] * 8)
+    model(batch, removed_rows=rows)
+    assert torch.equal(seen[-1], icot.kept_positions(layout.seq_len - 4, layout, rows, seen[-1].device))
+    generated = model.generate(batch)
+    assert torch.equal(seen[-1], icot.kept_positions(layout.seq_len - 4, layout, 3, seen[-1].device))
+    # decoding and the teacher-forced pass agree on the positions: argmax of the full pass = the greedy tokens
+    full = torch.cat([batch[:, :layout.sep1 + 1].long(), generated], dim=1)
+    assert torch.equal(model.lm.logits(model.hidden(full[:, :-1], None, 3)[:, layout.sep1:]).argmax(-1), generated)
+    icot.save_checkpoint(str(tmp_path / "stepwise.pt"), model, hp)
+    assert icot.load_checkpoint(str(tmp_path / "stepwise.pt"), hp_plain).keep_positions
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    icot.save_checkpoint(str(tmp_path / "ckpt" / "stepwise.pt"), model, hp)
+    with pytest.raises(icot.UserError, match="stepwise_keep_positions=True"):
+        icot.build_stage_model("stepwise", icot.dataclasses.replace(hp_plain, resume=True), layout)
+
+
 def stepwise_setup(tmp_path, **overrides):
     lines = [icot.format_line([(10 + i % 90, 10 + (7 * i) % 90)], 2, 2) for i in range(256)]
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
