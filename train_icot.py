@@ -15,8 +15,8 @@
 #   mindread  student on `input || #### answer <eos>`; entering every layer l its state at '||' is replaced by
 #             MLP_l(teacher state of layer l)
 #   emulator  reads its own raw state at '||' entering every layer and emulates the teacher state of that layer (the
-#             paper's MLP_l + mixture embedding, LSTM across layers, attention over earlier layers), squared error
-#             summed over the state, and writes its output back at '||' for the next layer
+#             paper's MLP_l + mixture embedding of K components, LSTM across layers, attention over earlier
+#             layers), squared error summed over the state, and writes its output back at '||' for the next layer
 #   couple    emulator + mind-reading student trained end to end on the answer only: the implicit student
 #   stepwise  stepwise internalisation (the follow-up paper, the main path): from the teacher, CoT tokens removed
 #             from the front at an epoch rate with removal smoothing and an optimizer reset per increment, then no
@@ -82,6 +82,9 @@ class Hyperparameters:
     n_head: int = 6
     mlp_mult: int = 4
     state_mlp_mult: int = 2           # hidden width (x model_dim) of the per-layer state MLPs (student and emulator)
+    emulator_mixtures: int = 1        # mixture components of the emulator (the paper's mixture_size; 1 for its
+    # multiplication runs): the raw state picks a softmax-weighted mix of these learned vectors at every layer
+    emulator_mixture_temperature: float = 1.0  # softmax temperature of that choice
     states: str = "sum"               # teacher states for K > 1: "sum" or "line" (see the header)
     # optimisation: AdamW. Muon orthogonalises the updates of big hidden matrices, a win for long LM pretraining;
     # here half the trainable weights are small per-layer state MLPs, an LSTM cell and a 32-token vocabulary, trained
@@ -243,11 +246,12 @@ def validate(hp, command, positional):
     if hp.states not in ("line", "sum"):
         die(f"--states={hp.states!r}: expected line or sum")
     positive = ("batch_size", "eval_every", "eval_lines", "eval_batch", "stepwise_remove", "stepwise_patience",
-                "stepwise_max_steps", "teacher_steps", "couple_steps")
+                "stepwise_max_steps", "teacher_steps", "couple_steps", "emulator_mixtures")
     for name in positive:
         if getattr(hp, name) < 1:
             die(f"--{name} must be >= 1")
-    for name in ("lr", "stepwise_remove_per_epoch", "stepwise_lambda", "mindread_epochs", "emulator_epochs"):
+    for name in ("lr", "stepwise_remove_per_epoch", "stepwise_lambda", "mindread_epochs", "emulator_epochs",
+                 "emulator_mixture_temperature"):
         if not getattr(hp, name) > 0:
             die(f"--{name} must be > 0")
     for name in ("stepwise_lr", "nocot_steps", "mindread_steps", "emulator_steps", "stepwise_decay_steps",
@@ -622,13 +626,15 @@ class Emulator(nn.Module):
     prediction_l = MLP_l([state, mixture embedding]); an LSTM cell runs across layers over the predictions;
     its output attends over the LSTM outputs of the earlier layers; output_l = Linear([lstm_l, attended]) is the
     emulated teacher state of layer l, and it (not the prediction) is written back at '||' for the next layer.
-    One mixture component (a learned vector): the paper's choice among several reasoning paths is not implemented."""
+    The mixture embedding: K learned vectors (--emulator_mixtures), mixed by softmax(state . vectors / temperature),
+    the paper's soft choice among reasoning paths; with K = 1 it is one learned vector."""
 
     def __init__(self, hp):
         super().__init__()
         dim = hp.model_dim
         self.gpt = GPT(hp)
-        self.mixture = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+        self.mixture = nn.Parameter(torch.randn(hp.emulator_mixtures, dim) / math.sqrt(dim))
+        self.mixture_temperature = hp.emulator_mixture_temperature
         self.predict = nn.ModuleList(MLP(2 * dim, hp.state_mlp_mult * dim, out_dim=dim, zero_out=False)
                                      for _ in range(hp.n_layer))
         self.lstm = nn.LSTMCell(dim, dim)
@@ -642,7 +648,8 @@ class Emulator(nn.Module):
 
         def read_predict_write(layer, x):
             raw = x[:, -1].float()
-            prediction = self.predict[layer](torch.cat([raw, self.mixture.expand_as(raw)], dim=-1))
+            choice = (raw @ self.mixture.T / self.mixture_temperature).softmax(-1)  # (B, K); all ones when K = 1
+            prediction = self.predict[layer](torch.cat([raw, choice @ self.mixture], dim=-1))
             lstm_state[0] = self.lstm(prediction, lstm_state[0])
             current = lstm_state[0][0]
             attended = torch.zeros_like(current)
@@ -665,6 +672,7 @@ class IcotModel(nn.Module):
     def __init__(self, kind, hp, layout, teacher=None):
         super().__init__()
         self.kind, self.layout, self.n_layer = kind, layout, hp.n_layer
+        self.config = {f: getattr(hp, f) for f in MODEL_FIELDS}  # the architecture, saved with the weights
         self.positions = state_positions(layout, hp.n_layer, hp.states)
         self.removed = 0 if kind in ("teacher", "stepwise") else layout.cot_len  # CoT tokens dropped from the front
         self.keep_positions = kind == "stepwise" and hp.stepwise_keep_positions
@@ -773,25 +781,32 @@ def count_parameters(module):
 
 # ---- Checkpoints ----
 
-MODEL_FIELDS = ("n_layer", "model_dim", "n_head", "mlp_mult", "state_mlp_mult", "states")
+MODEL_FIELDS = ("n_layer", "model_dim", "n_head", "mlp_mult", "state_mlp_mult", "states", "emulator_mixtures",
+                "emulator_mixture_temperature")
 
 
-def save_checkpoint(path, model, hp, teacher_path=None, state=None):
+def save_checkpoint(path, model, teacher_path=None, state=None):
     """state: the weights to save (default: the model's current ones; training saves its best)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = state if state is not None else model.state_dict()
-    torch.save({"kind": model.kind, "config": {f: getattr(hp, f) for f in MODEL_FIELDS},
+    torch.save({"kind": model.kind, "config": model.config,
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
                 "keep_positions": model.keep_positions,
                 "model": {k: v.cpu() for k, v in state.items()}}, path)
 
 
 def load_weights(module, state, source):
-    """Strict loading: every weight of the module from the checkpoint and nothing left over, or one clear error."""
-    missing, unexpected = sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict()))
+    """Strict loading: every weight of the module from the checkpoint, with its shape, and nothing left over, or one
+    clear error."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         die(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
             f"(a checkpoint of another stage or an older version of this script)")
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if reshaped:
+        die(f"{source} does not fit this model: {reshaped[:3]} (checkpoint vs model; trained with other sizes: "
+            f"give the same --n_layer/--model_dim/... as that stage)")
     module.load_state_dict(state)
 
 
@@ -805,7 +820,10 @@ def load_checkpoint(path, hp, teacher_path=None):
     if not os.path.isfile(path):
         die(f"{path}: checkpoint not found (train that stage first, or give the right path)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    config = dataclasses.replace(hp, **saved["config"])
+    # fields an older checkpoint did not save take the defaults that version used, not this command's values
+    config = dataclasses.replace(hp, **({f: getattr(Hyperparameters(), f) for f in MODEL_FIELDS} | saved["config"]))
+    for name in [k for k, v in saved["model"].items() if k.endswith("emulator.mixture") and v.dim() == 1]:
+        saved["model"][name] = saved["model"][name][None]  # before --emulator_mixtures: one vector, not (1, dim)
     teacher_path = teacher_path or saved["teacher"]
     teacher = load_teacher(teacher_path, hp) if saved["kind"] in ("mindread", "emulator") else None
     model = IcotModel(saved["kind"], config, Layout(**saved["layout"]), teacher)
@@ -1191,7 +1209,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     logger.log(f"stage {kind} done: {end} steps, wall time {wall:.1f}s, train time {train_time:.1f}s")
     if MASTER:
         checkpoint = os.path.join(hp.ckpt_dir, f"{kind}.pt")
-        save_checkpoint(checkpoint, model, hp, getattr(model, "teacher_path", None), best_state)
+        save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state)
         logger.log(f"checkpoint: {checkpoint}")
         plot_path = os.path.join(hp.log_dir, f"{logger.run_id}.png")
         plot_run(plot_path, f"{kind} {hp.task} k{hp.per_line}", torch.stack(train_losses).float().tolist(), evals,
@@ -1211,7 +1229,8 @@ def build_stage_model(kind, hp, layout):
     if kind == "couple":  # the emulator's and the mind-reading student's weights, trained together
         mindread_path, emulator_path = (os.path.join(hp.ckpt_dir, f"{k}.pt") for k in ("mindread", "emulator"))
         mindread, emulator = load_checkpoint(mindread_path, hp), load_checkpoint(emulator_path, hp)
-        model = IcotModel("couple", hp, mindread.layout).to(DEVICE)
+        architecture = dataclasses.replace(hp, **emulator.config)  # e.g. its mixture components, not the flags'
+        model = IcotModel("couple", architecture, mindread.layout).to(DEVICE)
         load_weights(model.lm, mindread.lm.state_dict(), mindread_path)
         load_weights(model.inject, mindread.inject.state_dict(), mindread_path)
         load_weights(model.emulator, emulator.emulator.state_dict(), emulator_path)

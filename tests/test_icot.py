@@ -104,7 +104,10 @@ def test_user_errors_exit_2_with_one_line_before_training(tmp_path, monkeypatch)
     monkeypatch.setattr(icot, "run_stage", lambda *args: pytest.fail("training started"))
     for argv, message in [(["teacher", f"--log_dir={blocker / 'logs'}"], "--log_dir="),
                           (["teacher", "--ckpt_dir", str(blocker), f"--log_dir={tmp_path}"], "--ckpt_dir="),
-                          (["nocot", "--resume"], "--resume continues a stepwise stage")]:
+                          (["nocot", "--resume"], "--resume continues a stepwise stage"),
+                          (["emulator", "--emulator_mixtures=0"], "--emulator_mixtures must be >= 1"),
+                          (["emulator", "--emulator_mixture_temperature=0"],
+                           "--emulator_mixture_temperature must be > 0")]:
         with pytest.raises(SystemExit, match=message) as exit_info:
             icot.main(argv)
         assert exit_info.value.code == 2
@@ -285,10 +288,10 @@ def test_stepwise_keep_positions_in_training_decoding_and_checkpoints(tmp_path, 
     # decoding and the teacher-forced pass agree on the positions: argmax of the full pass = the greedy tokens
     full = torch.cat([batch[:, :layout.sep1 + 1].long(), generated], dim=1)
     assert torch.equal(model.lm.logits(model.hidden(full[:, :-1], None, 3)[:, layout.sep1:]).argmax(-1), generated)
-    icot.save_checkpoint(str(tmp_path / "stepwise.pt"), model, hp)
+    icot.save_checkpoint(str(tmp_path / "stepwise.pt"), model)
     assert icot.load_checkpoint(str(tmp_path / "stepwise.pt"), hp_plain).keep_positions
     (tmp_path / "ckpt").mkdir(exist_ok=True)
-    icot.save_checkpoint(str(tmp_path / "ckpt" / "stepwise.pt"), model, hp)
+    icot.save_checkpoint(str(tmp_path / "ckpt" / "stepwise.pt"), model)
     with pytest.raises(icot.UserError, match="stepwise_keep_positions=True"):
         icot.build_stage_model("stepwise", icot.dataclasses.replace(hp_plain, resume=True), layout)
 
@@ -396,6 +399,62 @@ def test_emulator_loss_sums_the_squared_error_over_the_state_dimension():
     torch.testing.assert_close(emulator(tokens, reduction="sum"), error.square().sum(-1).mean(1).sum())
 
 
+def test_emulator_mixture_is_a_softmax_choice_of_components_by_the_state():
+    prefix = torch.tensor([icot.encode(LINE_4X4)[:10], icot.encode(icot.format_line([(1234, 5678)], 4, 4))[:10]])
+    for components, temperature in ((3, 0.5), (1, 1.0)):
+        hp = tiny_hp(n_layer=3, emulator_mixtures=components, emulator_mixture_temperature=temperature)
+        torch.manual_seed(0)
+        emulator = icot.Emulator(hp)
+        for p in emulator.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        torch.nn.init.normal_(emulator.mixture, std=0.003)  # states have norms of ~300 here: keep the softmax soft
+        read = []  # what each layer's prediction MLP reads: [raw state, mixture embedding]
+        hooks = [mlp.register_forward_pre_hook(lambda module, args: read.append(args[0])) for mlp in emulator.predict]
+        emulator(prefix).square().sum().backward()
+        for hook in hooks:
+            hook.remove()
+        vectors = emulator.mixture.detach()
+        assert vectors.shape == (components, hp.model_dim)
+        for layer_input in read:
+            raw, mixed = layer_input.detach().chunk(2, dim=-1)
+            torch.testing.assert_close(mixed, (raw @ vectors.T / temperature).softmax(-1) @ vectors)
+        if components == 1:
+            torch.testing.assert_close(read[0][:, hp.model_dim:].detach(), vectors.expand(2, -1))
+        else:  # past layer 0 (where '||' is one embedding for all) two lines mix differently; all components learn
+            assert (read[-1][0, hp.model_dim:] - read[-1][1, hp.model_dim:]).abs().max() > 1e-3
+            assert (emulator.mixture.grad.abs().sum(-1) > 0).all()
+
+
+def test_mixture_components_travel_with_the_checkpoint(tmp_path):
+    hp = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path))
+    layout = layout_of(LINE_4X4)
+    torch.manual_seed(1)
+    teacher = icot.IcotModel("teacher", hp, layout)
+    icot.save_checkpoint(str(tmp_path / "teacher.pt"), teacher)
+    icot.save_checkpoint(str(tmp_path / "mindread.pt"), icot.build_stage_model("mindread", hp, layout),
+                         str(tmp_path / "teacher.pt"))
+    mixed = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path), emulator_mixtures=3, emulator_mixture_temperature=0.5)
+    emulator = icot.build_stage_model("emulator", mixed, layout)
+    icot.save_checkpoint(str(tmp_path / "emulator.pt"), emulator, str(tmp_path / "teacher.pt"))
+    loaded = icot.load_checkpoint(str(tmp_path / "emulator.pt"), hp)  # hp says 1 component: the checkpoint wins
+    assert torch.equal(loaded.emulator.mixture, emulator.emulator.mixture)
+    assert loaded.emulator.mixture_temperature == 0.5
+    couple = icot.build_stage_model("couple", hp, layout)  # takes the emulator's 3 components
+    assert torch.equal(couple.emulator.mixture.cpu(), emulator.emulator.mixture)
+    assert couple.config["emulator_mixtures"] == 3
+    # a checkpoint from before the option: the mixture was one vector and the config did not name it
+    saved = torch.load(tmp_path / "emulator.pt", weights_only=False)
+    saved["model"]["emulator.mixture"] = saved["model"]["emulator.mixture"][0]
+    del saved["config"]["emulator_mixtures"], saved["config"]["emulator_mixture_temperature"]
+    torch.save(saved, tmp_path / "old.pt")
+    old = icot.load_checkpoint(str(tmp_path / "old.pt"), mixed)
+    assert old.emulator.mixture.shape == (1, hp.model_dim) and old.emulator.mixture_temperature == 1.0
+    torch.testing.assert_close(old.emulator.mixture[0], emulator.emulator.mixture[0])
+    with pytest.raises(SystemExit, match=r"does not fit this model: \['emulator.mixture \(3, 64\) vs \(2, 64\)"):
+        icot.load_weights(icot.IcotModel("emulator", tiny_hp(n_layer=3, emulator_mixtures=2), layout),
+                          torch.load(tmp_path / "emulator.pt", weights_only=False)["model"], "emulator.pt")
+
+
 def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
     hp = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path))
     layout = layout_of(LINE_4X4)
@@ -403,7 +462,7 @@ def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
     teacher = icot.IcotModel("teacher", hp, layout)
     for p in teacher.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    icot.save_checkpoint(str(tmp_path / "teacher.pt"), teacher, hp)
+    icot.save_checkpoint(str(tmp_path / "teacher.pt"), teacher)
     for kind in ("mindread", "emulator", "stepwise"):
         student = icot.build_stage_model(kind, hp, layout)
         gpt = student.emulator.gpt if kind == "emulator" else student.lm
@@ -412,7 +471,7 @@ def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
     mindread = icot.build_stage_model("mindread", hp, layout)
     state = mindread.state_dict()
     state["lm.blocks.0.renamed.weight"] = state.pop("lm.blocks.0.attn.qkv.weight")
-    icot.save_checkpoint(str(tmp_path / "mindread.pt"), mindread, hp, str(tmp_path / "teacher.pt"), state)
+    icot.save_checkpoint(str(tmp_path / "mindread.pt"), mindread, str(tmp_path / "teacher.pt"), state)
     with pytest.raises(SystemExit, match=r"mindread.pt does not fit this model: missing \['lm.blocks.0.attn.qkv"):
         icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
     with pytest.raises(SystemExit, match="does not fit this model"):
