@@ -1,0 +1,33 @@
+"""Does a trained emulator use its mixture components (--emulator_mixtures K > 1)? For each layer, over the lines of
+a file: the mean softmax weight of each component, the mean largest weight (1.0: every line picks one component
+outright) and the share of lines whose largest weight is on each component.
+
+    python records/icot/mixture_usage.py EMULATOR_OR_COUPLE.pt DATA_FILE
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import train_icot as icot  # noqa: E402
+
+checkpoint, data_file = sys.argv[1:3]
+torch.set_num_threads(1)
+model = icot.load_checkpoint(checkpoint, icot.Hyperparameters(**icot.PRESETS["tiny"])).eval()
+emulator = model.emulator
+lines = icot.load_dataset(data_file)
+choices = []  # per layer: (lines, K) softmax weights, recomputed from what the layer's prediction MLP reads
+hooks = [mlp.register_forward_pre_hook(lambda module, args: choices.append(args[0].chunk(2, dim=-1)[0]))
+         for mlp in emulator.predict]
+with torch.no_grad():
+    emulator(lines.tokens[:, :model.layout.sep1 + 1].long())
+    for hook in hooks:
+        hook.remove()
+    print(f"{checkpoint}: {emulator.mixture.size(0)} components, temperature {emulator.mixture_temperature}, "
+          f"{len(lines.tokens)} lines of {data_file}")
+    for layer, raw in enumerate(choices):
+        weights = (raw @ emulator.mixture.T / emulator.mixture_temperature).softmax(-1)
+        picked = torch.bincount(weights.argmax(-1), minlength=weights.size(1)) / len(weights)
+        print(f"layer {layer}: mean weight {' '.join(f'{w:.3f}' for w in weights.mean(0))}  "
+              f"mean largest {weights.amax(-1).mean():.3f}  picked {' '.join(f'{p:.3f}' for p in picked)}")
