@@ -642,14 +642,17 @@ class Emulator(nn.Module):
         self.key = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(2 * dim, dim, bias=False)
 
+    def mixture_choice(self, raw):
+        """(B, K) softmax weights of the mixture components for raw states (B, dim); all ones when K = 1."""
+        return (raw @ self.mixture.T / self.mixture_temperature).softmax(-1)
+
     def forward(self, prefix):
         """prefix = `input ||` (B, sep1+1) -> emulated states (B, n_layer, dim)."""
         outputs, lstm_outputs, lstm_state = [], [], [None]
 
         def read_predict_write(layer, x):
             raw = x[:, -1].float()
-            choice = (raw @ self.mixture.T / self.mixture_temperature).softmax(-1)  # (B, K); all ones when K = 1
-            prediction = self.predict[layer](torch.cat([raw, choice @ self.mixture], dim=-1))
+            prediction = self.predict[layer](torch.cat([raw, self.mixture_choice(raw) @ self.mixture], dim=-1))
             lstm_state[0] = self.lstm(prediction, lstm_state[0])
             current = lstm_state[0][0]
             attended = torch.zeros_like(current)

@@ -442,6 +442,13 @@ def test_mixture_components_travel_with_the_checkpoint(tmp_path):
     couple = icot.build_stage_model("couple", hp, layout)  # takes the emulator's 3 components
     assert torch.equal(couple.emulator.mixture.cpu(), emulator.emulator.mixture)
     assert couple.config["emulator_mixtures"] == 3
+    lines = tmp_path / "lines.txt"
+    lines.write_text(f"{LINE_4X4}\n{icot.format_line([(1234, 5678)], 4, 4)}\n")
+    usage = subprocess.run([sys.executable, REPO_ROOT / "records" / "icot" / "mixture_usage.py",
+                            tmp_path / "emulator.pt", lines], capture_output=True, text=True, cwd=REPO_ROOT)
+    layers = re.findall(r"layer \d: mean weight ([\d. ]+?)  mean largest", usage.stdout)
+    assert "3 components, temperature 0.5, 2 lines" in usage.stdout and len(layers) == 3, usage.stdout + usage.stderr
+    assert all(abs(sum(map(float, weights.split())) - 1) < 2e-3 for weights in layers)
     # a checkpoint from before the option: the mixture was one vector and the config did not name it
     saved = torch.load(tmp_path / "emulator.pt", weights_only=False)
     saved["model"]["emulator.mixture"] = saved["model"]["emulator.mixture"][0]

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 model = icot.load_checkpoint(checkpoint, icot.Hyperparameters(**icot.PRESETS["tiny"])).eval()
 emulator = model.emulator
 lines = icot.load_dataset(data_file)
-choices = []  # per layer: (lines, K) softmax weights, recomputed from what the layer's prediction MLP reads
+choices = []  # per layer: the raw states its prediction MLP reads (the first half of its input)
 hooks = [mlp.register_forward_pre_hook(lambda module, args: choices.append(args[0].chunk(2, dim=-1)[0]))
          for mlp in emulator.predict]
 with torch.no_grad():
@@ -27,7 +27,7 @@ with torch.no_grad():
     print(f"{checkpoint}: {emulator.mixture.size(0)} components, temperature {emulator.mixture_temperature}, "
           f"{len(lines.tokens)} lines of {data_file}")
     for layer, raw in enumerate(choices):
-        weights = (raw @ emulator.mixture.T / emulator.mixture_temperature).softmax(-1)
+        weights = emulator.mixture_choice(raw)
         picked = torch.bincount(weights.argmax(-1), minlength=weights.size(1)) / len(weights)
         print(f"layer {layer}: mean weight {' '.join(f'{w:.3f}' for w in weights.mean(0))}  "
               f"mean largest {weights.amax(-1).mean():.3f}  picked {' '.join(f'{p:.3f}' for p in picked)}")
