@@ -785,7 +785,7 @@ def count_parameters(module):
 # ---- Checkpoints ----
 
 MODEL_FIELDS = ("n_layer", "model_dim", "n_head", "mlp_mult", "state_mlp_mult", "states", "emulator_mixtures",
-                "emulator_mixture_temperature")
+                "emulator_mixture_temperature", "stepwise_keep_positions")
 
 
 def save_checkpoint(path, model, teacher_path=None, state=None):
@@ -794,7 +794,6 @@ def save_checkpoint(path, model, teacher_path=None, state=None):
     state = state if state is not None else model.state_dict()
     torch.save({"kind": model.kind, "config": model.config,
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
-                "keep_positions": model.keep_positions,
                 "model": {k: v.cpu() for k, v in state.items()}}, path)
 
 
@@ -824,7 +823,10 @@ def load_checkpoint(path, hp, teacher_path=None):
         die(f"{path}: checkpoint not found (train that stage first, or give the right path)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     # fields an older checkpoint did not save take the defaults that version used, not this command's values
-    config = dataclasses.replace(hp, **({f: getattr(Hyperparameters(), f) for f in MODEL_FIELDS} | saved["config"]))
+    saved_config = {f: getattr(Hyperparameters(), f) for f in MODEL_FIELDS} | saved["config"]
+    if "keep_positions" in saved:  # the first checkpoints with the option saved it beside the config
+        saved_config["stepwise_keep_positions"] = saved["keep_positions"]
+    config = dataclasses.replace(hp, **saved_config)
     for name in [k for k, v in saved["model"].items() if k.endswith("emulator.mixture") and v.dim() == 1]:
         saved["model"][name] = saved["model"][name][None]  # before --emulator_mixtures: one vector, not (1, dim)
     teacher_path = teacher_path or saved["teacher"]
@@ -832,7 +834,6 @@ def load_checkpoint(path, hp, teacher_path=None):
     model = IcotModel(saved["kind"], config, Layout(**saved["layout"]), teacher)
     load_weights(model, saved["model"], path)
     model.removed = saved["removed"]  # stepwise ends with no CoT left
-    model.keep_positions = saved.get("keep_positions", False)  # checkpoints from before the option: contiguous
     model.teacher_path = teacher_path
     return model.to(DEVICE)
 
