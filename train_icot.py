@@ -1450,7 +1450,8 @@ def main(argv):
         check_writable(hp.ckpt_dir, "ckpt_dir")
     if DEVICE.type == "cpu":
         torch.set_num_threads(hp.cpu_threads)
-    torch._dynamo.config.cache_size_limit = 64  # stepwise recompiles once per removal
+    torch._dynamo.config.cache_size_limit = 64  # room for each stage's graphs; a stepwise width change recompiles
+    # until dynamo marks the width dynamic (a tiny CPU run: 4 recompiles in the stage, none after its second width)
     setup_distributed()
     torch.manual_seed(hp.seed)
     try:

@@ -22,6 +22,10 @@
 #                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as train_gpt.py does)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
 #   PYTHON=python3
+#
+# The tests and icot parts need the papers' files and tiktoken's GPT-2 cache: ../shared/{icot,tiktoken_cache}
+# beside the checkout, or a copy in the checkout's shared/ (ignored by git). The device machine gets only the
+# checkout, so copy them there first: mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/
 set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +49,17 @@ for part in "$@"; do
 done
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' \
     || die "no NVIDIA GPU is visible (nvidia-smi -L lists none); this check needs one GPU"
+
+SHARED=""
+if [[ " $* " == *" tests "* || " $* " == *" icot "* ]]; then
+    for dir in ../shared shared; do
+        if [[ -d "$dir/icot" && -d "$dir/tiktoken_cache" ]]; then SHARED="$dir"; break; fi
+    done
+    [[ -n "$SHARED" ]] || die "the tests and icot parts need the papers' files and tiktoken's cache, found neither in" \
+        "../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \
+        "(mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/)"
+    export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$REPO_ROOT/$SHARED/tiktoken_cache}"
+fi
 
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
 GPU_SLUG="$(echo "$GPU_NAME" | tr -cs 'A-Za-z0-9' '_' | sed 's/^_*//; s/_*$//')"
@@ -135,7 +150,7 @@ part_record() {
 part_icot() {
     # shellcheck disable=SC2086
     timed icot 'accuracy|acc|problems/s|step_avg|wall|Error|error' "$PYTHON" train_icot.py \
-        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5 --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
+        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5 --paper_dir=$SHARED/icot --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
 }
 
 part_oocl() {

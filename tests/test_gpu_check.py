@@ -15,6 +15,7 @@ GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
 # it was given and prints the steps the public script would print.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$CALLS"
+echo "${TIKTOKEN_CACHE_DIR:-unset}" >> "$CALLS.tiktoken"
 if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
@@ -51,12 +52,18 @@ def check(tmp_path):
                              '(UUID: x)"; else echo "NVIDIA H100 80GB HBM3"; fi\n')
         elif smi.exists():
             smi.unlink()
-        full_env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir)] + system_path), CALLS=str(calls),
+        full_env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}  # CI sets it; the check must
+        full_env.update(PATH=os.pathsep.join([str(bin_dir)] + system_path), CALLS=str(calls),
                         PYTHON=str(bin_dir / "python"), GPU_CHECK_DIR=str(out), **env)
         return subprocess.run([str(root / "bench" / "gpu_check.sh"), *parts], cwd=tmp_path, env=full_env,
                               capture_output=True, text=True, timeout=60)
 
-    return SimpleNamespace(root=root, out=out, calls=calls, run=run,
+    def shared(folder):
+        """The papers' files and tiktoken's cache, in `folder` (beside the checkout or inside it)."""
+        for name in ("icot", "tiktoken_cache"):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+
+    return SimpleNamespace(root=root, out=out, calls=calls, run=run, shared=shared,
                            lines=lambda: calls.read_text().splitlines() if calls.exists() else [])
 
 
@@ -112,14 +119,35 @@ def test_record_part_runs_the_public_script_from_its_log_on_the_synthetic_shards
 
 
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
+    check.shared(check.root.parent / "shared")
     result = check.run("icot", "oocl")
     assert result.returncode == 0, result.stderr
     icot = [line for line in check.lines() if "train_icot.py" in line]
     oocl = [line for line in check.lines() if "oocl.py" in line]
     assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5" in icot[0]
+    assert "--paper_dir=../shared/icot" in icot[0]
     assert f"--log_dir={check.out}/icot" in icot[0]
     assert len(oocl) == 1 and "oocl.py sweep --p 113 --model_dim 128" in oocl[0] and f"--out_dir {check.out}/oocl" in oocl[0]
     summary = (check.out / "summary.md").read_text()
     assert "| icot | " in summary and "| oocl | " in summary
     check.run("icot", ICOT_ARGS="teacher --task=5x5")
     assert check.lines()[-1].endswith("train_icot.py teacher --task=5x5")
+
+
+def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout(check):
+    """The device machine gets only the checkout: a copy in its shared/ stands in for ../shared; without either,
+    the parts that need them stop before anything runs, and the parts that do not still run."""
+    for parts in (["icot"], ["gpt", "tests"]):
+        result = check.run(*parts)
+        assert result.returncode == 1 and "found neither in ../shared nor in shared/" in result.stderr
+        assert "cp -r ../shared/icot ../shared/tiktoken_cache shared/" in result.stderr
+    assert check.lines() == []
+    assert check.run("gpt").returncode == 0
+    check.shared(check.root / "shared")
+    assert check.run("icot", "tests").returncode == 0
+    assert "--paper_dir=shared/icot" in [line for line in check.lines() if "train_icot.py" in line][0]
+    assert any(line.endswith("-m pytest -q -rs tests") for line in check.lines())
+    cache = Path(str(check.calls) + ".tiktoken").read_text().splitlines()
+    assert cache[-2:] == [str(check.root / "shared" / "tiktoken_cache")] * 2
+    assert check.run("icot", TIKTOKEN_CACHE_DIR="/elsewhere").returncode == 0  # a cache the user set wins
+    assert Path(str(check.calls) + ".tiktoken").read_text().splitlines()[-1] == "/elsewhere"
