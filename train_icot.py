@@ -100,6 +100,8 @@ class Hyperparameters:
     cooldown_frac: float = 0.4        # linear decay to 0 over the last 40% of a fixed-length stage
     teacher_steps: int = 6000
     nocot_steps: int = 0              # 0: as many as the longest implicit chain of `all` (teacher + its stages)
+    nocot_lr: float = 0.0             # 0: --lr. The baseline's own lr: at 3x3 its sweep's best (3e-3) is not the
+    # teacher's (1e-2), at which it does not even learn the last answer digit (records/icot/README.md)
     mindread_steps: int = 0           # 0: mindread_epochs of the training set (the paper's stage sizes)
     mindread_epochs: float = 7.0
     emulator_steps: int = 0           # 0: emulator_epochs of the training set
@@ -156,6 +158,7 @@ FIELD_HELP = {
     "task": "digit sizes NxM", "per_line": "problems per line (K)", "paper_dir": "the papers' files (from the cwd)",
     "states": "teacher states for K > 1: sum or line", "nocot_steps": "0: the longest chain's total of `all`",
     "mindread_steps": "0: mindread_epochs", "emulator_steps": "0: emulator_epochs",
+    "nocot_lr": "lr of the no-CoT baseline (0: --lr)", "stepwise_lr": "lr of the stepwise stage (0: --lr)",
     "stepwise_remove": "CoT tokens removed per increment", "stepwise_remove_per_epoch": "CoT tokens removed per epoch",
     "stepwise_lambda": "removal smoothing: P(extra o) ~ exp(-lambda o)",
     "stepwise_patience": "no-CoT evaluations without improvement before the final decay",
@@ -254,8 +257,8 @@ def validate(hp, command, positional):
                  "emulator_mixture_temperature"):
         if not getattr(hp, name) > 0:
             die(f"--{name} must be > 0")
-    for name in ("stepwise_lr", "nocot_steps", "mindread_steps", "emulator_steps", "stepwise_decay_steps",
-                 "stage_minutes"):
+    for name in ("stepwise_lr", "nocot_lr", "nocot_steps", "mindread_steps", "emulator_steps",
+                 "stepwise_decay_steps", "stage_minutes"):
         if getattr(hp, name) < 0:
             die(f"--{name} must be >= 0")
     if positional and command != "predict":
@@ -1098,6 +1101,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         starts = [start for start, removed in removals.items() if removed >= model.removed]
         removals = {start - starts[0]: removals[start] for start in starts}
     final_removed = removals[max(removals)]
+    stage_lr = {"stepwise": hp.stepwise_lr, "nocot": hp.nocot_lr}.get(kind, 0.0) or hp.lr
     end = hp.stepwise_max_steps if stepwise else steps  # stepwise: moved closer when its decay starts
     decay_start = end - (hp.stepwise_decay_steps if stepwise else round(hp.cooldown_frac * steps))
     warmup = hp.warmup_steps
@@ -1164,7 +1168,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         if step in removals:  # a stepwise increment: fewer CoT tokens, fresh optimizer (as the paper)
             close_window(step)  # keep the recompile of a new shape out of a window's throughput
             model.removed = removals[step]
-            optimizer = make_optimizer(model, dataclasses.replace(hp, lr=hp.stepwise_lr or hp.lr) if stepwise else hp)
+            optimizer = make_optimizer(model, dataclasses.replace(hp, lr=stage_lr))
             if stepwise:
                 logger.log(f"step:{step}/{end} increment: removed_cot:{model.removed} of {train_set.layout.cot_len}, "
                            f"optimizer reset")

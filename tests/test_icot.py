@@ -1,6 +1,7 @@
 """train_icot.py on CPU: vocabulary and line checking, the teacher-state diagonal on hand-made examples, state
 injection, and the whole tiny pipeline (every stage, eval, predict) end to end."""
 
+import dataclasses
 import importlib.util
 import io
 import math
@@ -629,3 +630,33 @@ def test_data_parallel_all_writes_once_on_rank_0(tiny_run, tmp_path):
 def test_each_rank_uses_its_own_gpu():
     assert icot.rank_device(3, cuda_available=True) == torch.device("cuda:3")
     assert icot.rank_device(3, cuda_available=False) == torch.device("cpu")
+
+
+def test_sweep_table_reads_the_logs_of_the_folder_it_is_given(tmp_path):
+    """records/icot/sweep_tiny/table.py: its own sweep by default, another sweep's folder when named; the last
+    evaluation of each run, best validation loss first."""
+    table = REPO_ROOT / "records" / "icot" / "sweep_tiny" / "table.py"
+    for name, loss in (("nocot_lr3e-3_emb10_wd0.1", 0.78), ("nocot_lr1e-2_emb1_wd0", 1.22)):
+        (tmp_path / "logs" / name).mkdir(parents=True)
+        (tmp_path / "logs" / name / "run.txt").write_text(
+            "step:1500/3000 removed_cot:24 val_loss:0.5 ppl:1.6 accuracy:0.5\n"
+            f"step:3000/3000 removed_cot:24 val_loss:{loss} ppl:2.2 accuracy:0.015 digit_accuracy:1.0\n")
+    rows = subprocess.run([sys.executable, table, tmp_path], capture_output=True, text=True, check=True).stdout
+    assert rows.splitlines()[2:] == ["| nocot | 0.003 | 10 | 0.1 | 3000 | 0.7800 | 0.015 |",
+                                     "| nocot | 0.01 | 1 | 0 | 3000 | 1.2200 | 0.015 |"]
+    own = subprocess.run([sys.executable, table], capture_output=True, text=True, check=True).stdout
+    assert len(own.splitlines()) == 2 + 24 and "| teacher | 0.01 | 10 | 0.1 | 250 | 0.4429 | 0.028 |" in own
+
+
+def test_each_stage_trains_at_its_own_lr(tmp_path, monkeypatch):
+    """--nocot_lr and --stepwise_lr set those stages' lr (0: --lr); the other stages train at --lr."""
+    hp, _, train_set = stepwise_setup(tmp_path, lr=1e-2, nocot_lr=3e-3, stepwise_lr=1e-3, stepwise_max_steps=3)
+    lrs, real_make = [], icot.make_optimizer
+    monkeypatch.setattr(icot, "make_optimizer", lambda model, hp: lrs.append(hp.lr) or real_make(model, hp))
+    for kind, steps in (("teacher", 2), ("nocot", 2), ("stepwise", None)):
+        icot.train_stage(hp, kind, icot.IcotModel(kind, hp, train_set.layout), train_set, train_set, steps)
+    assert sorted(set(lrs)) == [1e-3, 3e-3, 1e-2] and lrs[:2] == [1e-2, 3e-3] and set(lrs[2:]) == {1e-3}
+    lrs.clear()
+    default = dataclasses.replace(hp, nocot_lr=0.0)
+    icot.train_stage(default, "nocot", icot.IcotModel("nocot", default, train_set.layout), train_set, train_set, 2)
+    assert lrs == [1e-2]

@@ -1,13 +1,16 @@
-"""Table of the sweep: final validation loss and exact match per run (from each run's log), best first per stage.
+"""Table of a sweep: final validation loss and exact match per run (from each run's log in FOLDER/logs/<stage>_lr<lr>_
+emb<mult>_wd<wd>/), best first per stage. FOLDER: this sweep's folder by default.
 
-    python records/icot/sweep_tiny/table.py > records/icot/sweep_tiny/README_table.md
+    python records/icot/sweep_tiny/table.py [records/icot/sweep_nocot_3x3]
 """
 import glob
 import os
 import re
+import sys
 
+folder = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 rows = []
-for log in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "logs", "*", "*.txt")):
+for log in glob.glob(os.path.join(folder, "logs", "*", "*.txt")):
     name = os.path.basename(os.path.dirname(log))
     stage, lr, mult, wd = re.fullmatch(r"(\w+?)_lr(\S+)_emb(\S+)_wd(\S+)", name).groups()
     final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", open(log).read(), re.M)
