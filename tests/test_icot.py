@@ -2,6 +2,7 @@
 injection, and the whole tiny pipeline (every stage, eval, predict) end to end."""
 
 import dataclasses
+import gc
 import importlib.util
 import io
 import math
@@ -363,6 +364,26 @@ def test_best_checkpoint_and_patience(tmp_path, monkeypatch):
     assert torch.equal(saved["model"]["lm.lm_head.weight"], weights_at[6])
     assert not torch.equal(weights_at[6], model.lm.lm_head.weight)
 
+
+
+def test_per_step_tensors_are_released_as_each_window_closes(tmp_path, monkeypatch):
+    """Each step's loss and gradient norm are kept as tensors only until their timing window closes (at the next
+    evaluation): a stage of 99000 steps that kept them all grew to 14 GiB on CPU. The plot still gets every loss."""
+    hp, _, train_set = stepwise_setup(tmp_path, eval_every=40)
+    live_scalars, real_evaluate = [], icot.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        gc.collect()
+        live_scalars.append(sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.dim() == 0))
+        return real_evaluate(*args, **kwargs)
+
+    plotted = []
+    monkeypatch.setattr(icot, "evaluate", counting_evaluate)
+    monkeypatch.setattr(icot, "plot_run", lambda path, title, losses, *rest: plotted.append(losses))
+    icot.train_stage(hp, "nocot", icot.IcotModel("nocot", hp, train_set.layout), train_set, train_set, 160)
+    assert len(live_scalars) == 5  # steps 0, 40, 80, 120, 160
+    assert max(live_scalars) - min(live_scalars[1:]) < 20  # 2 tensors per step kept would add 80 per window
+    assert len(plotted[0]) == 160 and all(isinstance(loss, float) and math.isfinite(loss) for loss in plotted[0])
 
 # ---- Emulator: the paper's module, teacher initialisation, strict loading ----
 
