@@ -1114,15 +1114,16 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     window_losses, window_norms = [], []
     # Timing as the speedrun: no synchronisation inside a window of steps; the clock stops (after a sync) at each
     # evaluation, so train_time excludes evaluation and the per-step lines are close (asynchronous) estimates.
-    window_start, window_steps = None, 0
+    window_start = None
 
     def close_window(step):
-        nonlocal train_time, window_start, window_steps
+        nonlocal train_time, window_start
         if window_start is None:
             return
         synchronize()
         window = time.perf_counter() - window_start
         train_time += window
+        window_steps = len(window_losses)
         lines_per_s = hp.batch_size * window_steps / window
         flops = flops_per_line(model) * hp.batch_size * window_steps  # model.removed of the window
         mfu = f"{flops / window / (peak * WORLD_SIZE):.4f}" if peak else "n/a"
@@ -1136,7 +1137,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         logger.log(f"step:{step}/{end} train_loss:{loss:.4f} lines_per_s:{lines_per_s:.0f} "
                    f"tokens_per_s:{lines_per_s * model.seq_len:.0f} mfu:{mfu} grad_norm:{norms.mean().item():.4f} "
                    f"clipped:{(norms > hp.grad_clip).float().mean().item():.3f}")
-        window_start, window_steps = None, 0
+        window_start = None
 
     def run_eval(step):
         close_window(step)
@@ -1200,7 +1201,6 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_losses.append(loss.detach())
-        window_steps += 1
         step += 1
         approx_time = train_time + time.perf_counter() - window_start
         logger.log(f"step:{step}/{end} train_time:{1000 * approx_time:.0f}ms "

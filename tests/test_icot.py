@@ -365,7 +365,6 @@ def test_best_checkpoint_and_patience(tmp_path, monkeypatch):
     assert not torch.equal(weights_at[6], model.lm.lm_head.weight)
 
 
-
 def test_per_step_tensors_are_released_as_each_window_closes(tmp_path, monkeypatch):
     """Each step's loss and gradient norm are kept as tensors only until their timing window closes (at the next
     evaluation): a stage of 99000 steps that kept them all grew to 14 GiB on CPU. The plot still gets every loss."""
@@ -384,6 +383,7 @@ def test_per_step_tensors_are_released_as_each_window_closes(tmp_path, monkeypat
     assert len(live_scalars) == 5  # steps 0, 40, 80, 120, 160
     assert max(live_scalars) - min(live_scalars[1:]) < 20  # 2 tensors per step kept would add 80 per window
     assert len(plotted[0]) == 160 and all(isinstance(loss, float) and math.isfinite(loss) for loss in plotted[0])
+
 
 # ---- Emulator: the paper's module, teacher initialisation, strict loading ----
 
