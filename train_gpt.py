@@ -633,20 +633,23 @@ def steps_in(num_tokens, step_tokens):
 
 
 def check_train_data(files, args):
-    """Enough steps for num_iterations, and every shard the run reads opened (and checked) before training."""
+    """Enough steps for the steps that will run (num_iterations, or fewer with stop_after_steps), and every
+    shard the run reads opened (and checked) before training."""
+    needed = min(args.num_iterations, args.stop_after_steps or args.num_iterations)
     available = 0
     for path in files:
-        if available >= args.num_iterations:
+        if available >= needed:
             break
         available += steps_in(len(check_tokens(load_shard(path), args.vocab_size, path)), args.step_tokens)
-    if available < args.num_iterations:
+    if available < needed:
+        flag = "stop_after_steps" if needed < args.num_iterations else "num_iterations"
         if args.train_files == DEFAULT_FILES[0]:
-            need = math.ceil(args.num_iterations / (100_000_000 // args.step_tokens))
+            need = math.ceil(needed / (100_000_000 // args.step_tokens))
             fix = f"run `python data/cached_fineweb10B.py {need}` from the repository root (100M-token shards)"
         else:
-            fix = f"pass --num_iterations={available} or give more data"
+            fix = f"pass --{flag}={available} or give more data"
         raise UserError(f"the {len(files)} train shards matching {args.train_files!r} hold {available} steps of "
-                        f"{args.step_tokens} tokens but num_iterations={args.num_iterations}: {fix}")
+                        f"{args.step_tokens} tokens but {flag}={needed}: {fix}")
 
 
 def to_device(tokens, device):
@@ -1080,10 +1083,14 @@ def main(argv):
         generator = torch.Generator().manual_seed(args.seed + rank)
         random_batches = (to_device(torch.randint(0, args.vocab_size, (args.micro_batch_tokens + 1,), generator=generator).numpy(), device)
                           for _ in itertools.count())
-        for _ in range(args.warmup_steps):  # mid-training windows and schedules
+        for warmup_step in range(1, args.warmup_steps + 1):  # mid-training windows and schedules
             middle = args.num_iterations // 2
             train_step(run_model, random_batches, micro_steps, averager, muon, adam, lr_factor(middle, args),
                        muon_momentum(middle, args), windows[window_blocks(middle, args)])
+            if use_cuda:
+                torch.cuda.synchronize()
+            # progress through a compilation that can take minutes (the first step holds most of it)
+            log(f"warm-up step {warmup_step}/{args.warmup_steps}: {time.perf_counter() - warmup_start:.1f}s")
         model.load_state_dict(initial["model"])
         muon.load_state_dict(initial["muon"])
         adam.load_state_dict(initial["adam"])

@@ -4,12 +4,15 @@
 #
 #   bench/gpu_check.sh PART [PART ...]      parts, in the order given:
 #     env      GPU, driver, CUDA, torch and triton versions (every part also records them once)
-#     tests    the whole pytest suite with CUDA visible (tests/gpu/ runs instead of skipping)
+#     tests    the GPU tests (tests/gpu/; the rest of the suite is CI's, and hides CUDA anyway), their prints
+#              (the XXT tile timings) and a short traceback of each failure in the log
+#     suite    the whole pytest suite as a researcher on a GPU node runs it (tests/gpu with CUDA, the rest on the
+#              CPU path): it must pass there too
 #     gpt      train_gpt.py, full configuration (8 micro-steps of 64K tokens per step) on synthetic shards,
 #              GPT_STEPS timed steps: ms per 524,288-token step, tokens/s, MFU, peak memory, warm-up time
 #     record   the side-by-side: train_gpt.py with one 64K micro-batch per step, then the public record script
 #              (needs RECORD_LOG, see below) on the same synthetic shards, RECORD_STEPS steps each
-#     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 5 minutes of
+#     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 4 minutes of
 #              training at the default size, its results table on the papers' test sets
 #     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS): p = 113, 12 runs (4 arms x 3 seeds) of 1000 steps
 #
@@ -21,9 +24,11 @@
 #                   the record script's text, which the record part extracts and runs unchanged except for its
 #                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as train_gpt.py does)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
+#   PART_SECONDS=570 each part is stopped (with every process it started) after this long: exit 124 in its row,
+#                   and the next part still runs inside the device tool's 10-minute command
 #   PYTHON=python3
 #
-# The tests and icot parts need the papers' files and tiktoken's GPT-2 cache: ../shared/{icot,tiktoken_cache}
+# The tests, suite and icot parts need the papers' files and tiktoken's GPT-2 cache: ../shared/{icot,tiktoken_cache}
 # beside the checkout, or a copy in the checkout's shared/ (ignored by git). The device machine gets only the
 # checkout, so copy them there first: mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/
 set -uo pipefail
@@ -33,6 +38,7 @@ cd "$REPO_ROOT"
 PYTHON="${PYTHON:-python3}"
 GPT_STEPS="${GPT_STEPS:-30}"
 RECORD_STEPS="${RECORD_STEPS:-60}"
+PART_SECONDS="${PART_SECONDS:-570}"
 SYNTHETIC_DIR="data/synthetic_gpu"
 
 die() {
@@ -40,22 +46,22 @@ die() {
     exit 1
 }
 
-[[ $# -gt 0 ]] || die "name the parts to run: env tests gpt record icot oocl (see the header of $0)"
+[[ $# -gt 0 ]] || die "name the parts to run: env tests suite gpt record icot oocl (see the header of $0)"
 for part in "$@"; do
     case "$part" in
-        env|tests|gpt|record|icot|oocl) ;;
-        *) die "unknown part '$part'; the parts are: env tests gpt record icot oocl" ;;
+        env|tests|suite|gpt|record|icot|oocl) ;;
+        *) die "unknown part '$part'; the parts are: env tests suite gpt record icot oocl" ;;
     esac
 done
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' \
     || die "no NVIDIA GPU is visible (nvidia-smi -L lists none); this check needs one GPU"
 
 SHARED=""
-if [[ " $* " == *" tests "* || " $* " == *" icot "* ]]; then
+if [[ " $* " == *" tests "* || " $* " == *" suite "* || " $* " == *" icot "* ]]; then
     for dir in ../shared shared; do
         if [[ -d "$dir/icot" && -d "$dir/tiktoken_cache" ]]; then SHARED="$dir"; break; fi
     done
-    [[ -n "$SHARED" ]] || die "the tests and icot parts need the papers' files and tiktoken's cache, found neither in" \
+    [[ -n "$SHARED" ]] || die "the tests, suite and icot parts need the papers' files and tiktoken's cache, found neither in" \
         "../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \
         "(mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/)"
     export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$REPO_ROOT/$SHARED/tiktoken_cache}"
@@ -83,16 +89,32 @@ write_env() {
     cat "$CHECK_DIR/env.txt"
 }
 
-# Run one timed command; its output goes to the console and to $CHECK_DIR/<name>.log; a summary row records
-# the exit code, the wall time and the result lines that match the pattern.
+# A timing taken while another process computes on the GPU is wrong (on the device tool's machine a detached
+# job from an earlier call may still run): refuse to start a part then.
+gpu_idle() {
+    local busy
+    for _ in $(seq 0 "${GPU_IDLE_WAIT:-30}"); do  # a part just stopped may take a few seconds to go
+        busy="$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null)"
+        [[ -n "$busy" ]] || return 0
+        sleep 1
+    done
+    die "another process is using the GPU, so its timings would be wrong: $(echo "$busy" | tr '\n' ';')" \
+        "wait for it to end or stop it (kill PID), then run the part again"
+}
+
+# Run one timed command (stopped after PART_SECONDS, with its whole process group); its output goes to the
+# console and to $CHECK_DIR/<name>.log; a summary row records the exit code (124: stopped), the wall time and
+# the result lines that match the pattern.
 timed() {
     local name="$1" pattern="$2"
     shift 2
     local log="$CHECK_DIR/$name.log" start end status
+    gpu_idle
     echo "== $name: $*"
     start=$(date +%s)
-    "$@" 2>&1 | tee "$log"
+    timeout -k 15 "$PART_SECONDS" "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
+    [[ "$status" != 124 ]] || echo "gpu_check.sh: $name stopped after PART_SECONDS=$PART_SECONDS s" | tee -a "$log"
     end=$(date +%s)
     local lines
     lines="$(grep -E "$pattern" "$log" | tail -n 8 | tr '\n' ';' | sed 's/|/\\|/g')"
@@ -104,7 +126,8 @@ synthetic_shards() {
     # data/synthetic.py writes the val shard last: its presence means the set is complete.
     if [[ ! -f "$SYNTHETIC_DIR/synthetic_val_000000.bin" ]]; then
         rm -rf "$SYNTHETIC_DIR"
-        "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 --val_tokens 10485760 \
+        # val: 10485760 tokens are read, plus the target of the last one
+        "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 --val_tokens 10551296 \
             || die "writing synthetic shards into $SYNTHETIC_DIR failed"
     fi
 }
@@ -144,13 +167,20 @@ part_record() {
     timed public_record 'step_avg|peak memory' bash -c "cd '$work' && \
         '$PYTHON' -m torch.distributed.run --standalone --nproc_per_node=1 record_script.py 2>&1 | \
         awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {exit}'"
+    local status=$?
+    # Its console shows nothing before step 0; its own log (after the script's text) shows how far it got.
+    for own_log in "$work"/logs/*.txt; do
+        [[ -f "$own_log" ]] && awk 'seen {print} /^=+$/ && length($0) >= 20 {seen = 1}' "$own_log" \
+            > "$CHECK_DIR/public_record_own_log.txt"
+    done
     rm -rf "$work"
+    return "$status"
 }
 
 part_icot() {
     # shellcheck disable=SC2086
     timed icot 'accuracy|acc|problems/s|step_avg|wall|Error|error' "$PYTHON" train_icot.py \
-        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5 --paper_dir=$SHARED/icot --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
+        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=4 --paper_dir=$SHARED/icot --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
 }
 
 part_oocl() {
@@ -164,7 +194,9 @@ failed=0
 for part in "$@"; do
     case "$part" in
         env) ;;
-        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -q -rs tests || failed=1 ;;
+        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -q -s -rfEs --tb=short --durations=0 tests/gpu \
+                   || failed=1 ;;
+        suite) timed suite 'passed|failed|error' "$PYTHON" -m pytest -q -rfEs --tb=short tests || failed=1 ;;
         gpt) part_gpt || failed=1 ;;
         record) part_record || failed=1 ;;
         icot) part_icot || failed=1 ;;

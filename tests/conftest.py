@@ -2,6 +2,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -9,3 +12,16 @@ sys.path.insert(0, str(REPO_ROOT))
 _cache = REPO_ROOT.parent / "shared" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+
+@pytest.fixture(autouse=True)
+def cpu_path_outside_tests_gpu(request, monkeypatch):
+    """Tests outside tests/gpu specify the CPU path, also on a GPU machine: without this the scripts pick CUDA
+    there and compile (slow, and bf16 instead of the fp32 the tests' numbers assume). CUDA is hidden from this
+    process (torch.cuda.is_available, train_icot's DEVICE chosen at import) and from the subprocesses it starts."""
+    if REPO_ROOT / "tests" / "gpu" in Path(str(request.fspath)).parents:
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "train_icot" in sys.modules:
+        monkeypatch.setattr(sys.modules["train_icot"], "DEVICE", torch.device("cpu"))

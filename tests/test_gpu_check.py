@@ -2,8 +2,10 @@
 extraction of the public record script, with fake `nvidia-smi` and python that record how they were called."""
 
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +21,11 @@ echo "${TIKTOKEN_CACHE_DIR:-unset}" >> "$CALLS.tiktoken"
 if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
+    mkdir -p logs; printf 'print("the script")\n%s\nWarmup step 1/10\n' "$(printf '=%.0s' {1..100})" > logs/run.txt
     for i in 1 2 3 4 5; do echo "step:$i/5690 train_time:${i}00ms step_avg:100.00ms"; done
     exit 0
 fi
+if [[ "$*" == *train_gpt.py* && -n "${FAKE_SLEEP:-}" ]]; then echo "compiling"; sleep "$FAKE_SLEEP"; fi
 if [[ "$*" == *train_gpt.py* ]]; then echo "step:30/5690 train_time:57000ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"; fi
 if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
 exit "${FAKE_EXIT:-0}"
@@ -43,17 +47,19 @@ def check(tmp_path):
     _executable(bin_dir / "python", FAKE_PYTHON)
     calls = tmp_path / "calls.txt"
     out = tmp_path / "out"
-    system_path = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists()]
 
     def run(*parts, gpu=True, **env):
         smi = bin_dir / "nvidia-smi"
+        # The fake comes first in PATH and shadows a real nvidia-smi (on a GPU machine it sits in /usr/bin,
+        # beside bash and grep, so the directory cannot be dropped from PATH); without a GPU it finds none.
         if gpu:
             _executable(smi, '#!/usr/bin/env bash\nif [[ $1 == -L ]]; then echo "GPU 0: NVIDIA H100 80GB HBM3 '
-                             '(UUID: x)"; else echo "NVIDIA H100 80GB HBM3"; fi\n')
-        elif smi.exists():
-            smi.unlink()
+                             '(UUID: x)"; elif [[ $1 == --query-compute-apps* ]]; then echo -n "$GPU_PROCESSES"; '
+                             'else echo "NVIDIA H100 80GB HBM3"; fi\n')
+        else:
+            _executable(smi, '#!/usr/bin/env bash\necho "No devices were found"; exit 6\n')
         full_env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}  # CI sets it; the check must
-        full_env.update(PATH=os.pathsep.join([str(bin_dir)] + system_path), CALLS=str(calls),
+        full_env.update(PATH=os.pathsep.join([str(bin_dir), os.environ["PATH"]]), CALLS=str(calls),
                         PYTHON=str(bin_dir / "python"), GPU_CHECK_DIR=str(out), **env)
         return subprocess.run([str(root / "bench" / "gpu_check.sh"), *parts], cwd=tmp_path, env=full_env,
                               capture_output=True, text=True, timeout=60)
@@ -70,7 +76,7 @@ def check(tmp_path):
 def test_parts_are_checked_before_anything_runs(check):
     result = check.run("gpt", "speed")
     assert result.returncode == 1 and "unknown part 'speed'" in result.stderr
-    assert "env tests gpt record icot oocl" in result.stderr
+    assert "env tests suite gpt record icot oocl" in result.stderr
     assert "name the parts to run" in check.run().stderr
     result = check.run("gpt", gpu=False)
     assert result.returncode == 1 and "no NVIDIA GPU is visible" in result.stderr
@@ -116,6 +122,7 @@ def test_record_part_runs_the_public_script_from_its_log_on_the_synthetic_shards
     assert "fineweb_val_000000.bin -> " in data
     record_log = (check.out / "public_record.log").read_text()
     assert "step:3/5690" in record_log and "step:4/5690" not in record_log  # stopped after RECORD_STEPS
+    assert (check.out / "public_record_own_log.txt").read_text() == "Warmup step 1/10\n"  # its log, not its text
 
 
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
@@ -124,7 +131,7 @@ def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check)
     assert result.returncode == 0, result.stderr
     icot = [line for line in check.lines() if "train_icot.py" in line]
     oocl = [line for line in check.lines() if "oocl.py" in line]
-    assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=5" in icot[0]
+    assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=4" in icot[0]
     assert "--paper_dir=../shared/icot" in icot[0]
     assert f"--log_dir={check.out}/icot" in icot[0]
     assert len(oocl) == 1 and "oocl.py sweep --p 113 --model_dim 128" in oocl[0] and f"--out_dir {check.out}/oocl" in oocl[0]
@@ -146,8 +153,32 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
     check.shared(check.root / "shared")
     assert check.run("icot", "tests").returncode == 0
     assert "--paper_dir=shared/icot" in [line for line in check.lines() if "train_icot.py" in line][0]
-    assert any(line.endswith("-m pytest -q -rs tests") for line in check.lines())
+    assert any(line.endswith("-m pytest -q -s -rfEs --tb=short --durations=0 tests/gpu") for line in check.lines())
+    assert check.run("suite").returncode == 0
+    assert check.lines()[-1].endswith("-m pytest -q -rfEs --tb=short tests")
     cache = Path(str(check.calls) + ".tiktoken").read_text().splitlines()
     assert cache[-2:] == [str(check.root / "shared" / "tiktoken_cache")] * 2
     assert check.run("icot", TIKTOKEN_CACHE_DIR="/elsewhere").returncode == 0  # a cache the user set wins
     assert Path(str(check.calls) + ".tiktoken").read_text().splitlines()[-1] == "/elsewhere"
+
+
+def test_synthetic_val_shard_holds_what_train_gpt_reads():
+    """train_gpt.py reads val_tokens inputs and the target after the last one."""
+    import train_gpt
+    written = int(re.search(r"--val_tokens (\d+)", GPU_CHECK.read_text()).group(1))
+    assert written >= train_gpt.Hyperparameters().val_tokens + 1
+
+
+def test_a_busy_gpu_stops_the_check_before_a_timed_part(check):
+    result = check.run("gpt", GPU_PROCESSES="4242, python3, 57650 MiB\n", GPU_IDLE_WAIT="1")
+    assert result.returncode == 1 and "another process is using the GPU" in result.stderr and "4242" in result.stderr
+    assert [line for line in check.lines() if "train_gpt.py" in line] == []
+
+
+def test_a_part_past_its_time_limit_is_stopped_with_its_processes(check):
+    start = time.monotonic()
+    result = check.run("gpt", PART_SECONDS="2", FAKE_SLEEP="40")
+    assert time.monotonic() - start < 25  # the sleeping child was stopped too (tee waits for every writer)
+    assert result.returncode == 1
+    assert "| gpt | " in (check.out / "summary.md").read_text() and "| 124 |" in (check.out / "summary.md").read_text()
+    assert "gpt stopped after PART_SECONDS=2 s" in (check.out / "gpt.log").read_text()

@@ -34,6 +34,15 @@ def tiny_hp(**overrides):
     return icot.Hyperparameters(**{**icot.PRESETS["tiny"], **overrides})
 
 
+def test_cpu_tests_run_the_cpu_path_also_on_a_gpu_machine():
+    """conftest hides CUDA from every test outside tests/gpu, in this process and in the subprocesses a test
+    starts: on a GPU machine these tests still run (and specify) the CPU path."""
+    assert icot.DEVICE == torch.device("cpu") and not torch.cuda.is_available()
+    child = subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "''"
+
+
 # ---- Vocabulary and line checking ----
 
 def test_tokens_round_trip_and_layout():

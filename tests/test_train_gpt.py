@@ -203,6 +203,7 @@ def test_stop_after_steps_times_the_full_schedule_and_reports_throughput(tiny_da
     assert val_losses(log_text) == val_losses(log_text)[:1]  # step 0 only: no final validation
     assert re.search(r"^timed steps: 3 \(1024 tokens each\) tokens_per_s:\d+ ms_per_step:\d+\.\d\d mfu:n/a$", log_text, re.M)
     assert re.search(r"^warm-up \(2 steps, compilation included\): \d+\.\ds$", log_text, re.M)
+    assert re.findall(r"^warm-up step (\d)/2: \d+\.\ds$", log_text, re.M) == ["1", "2"]
     assert re.search(r"^peak memory: max RSS \d+ MiB", log_text, re.M)
 
 
@@ -761,6 +762,13 @@ def test_too_few_tokens_are_errors(tiny_data):
     with pytest.raises(tg.UserError, match=rf"hold {STEPS} steps of 1024 tokens but num_iterations={STEPS + 1}: pass "
                                            f"--num_iterations={STEPS} or give more data"):
         tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
+    args.num_iterations, args.stop_after_steps = STEPS + 5, STEPS  # a timed check needs data for its steps only
+    tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
+    args.stop_after_steps = STEPS + 1
+    with pytest.raises(tg.UserError, match=rf"hold {STEPS} steps of 1024 tokens but stop_after_steps={STEPS + 1}: "
+                                           f"pass --stop_after_steps={STEPS} or give more data"):
+        tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
+    args.stop_after_steps = 0
     args.train_files = tg.Hyperparameters.train_files  # the default FineWeb pattern: fetch more shards
     with pytest.raises(tg.UserError, match=rf"hold {STEPS} steps .* `python data/cached_fineweb10B.py 1`"):
         tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)

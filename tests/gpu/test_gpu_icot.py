@@ -11,31 +11,53 @@ LINE_4X4 = ("9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 
             "+ 0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1")
 
 
-@pytest.mark.parametrize("kind", ["teacher", "couple"])
-def test_compiled_bf16_loss_and_gradients_match_eager(kind):
-    """At the default width (768, 4 layers here), after 20 AdamW steps (the zero-initialised head and projections
-    have moved), the compiled bf16 loss and gradients match eager fp32 within bf16 tolerance."""
+def trained_model(kind, device):
+    """The default width (768, 4 layers here) after 20 AdamW steps: the zero-initialised head and projections have
+    moved, so every gradient is non-zero."""
     hp = icot.Hyperparameters(n_layer=4)
     problems = [(1234 + 37 * i, 9876 - 53 * i) for i in range(64)]
-    tokens = torch.tensor([icot.encode(icot.format_line([p], 4, 4)) for p in problems], device="cuda")
+    tokens = torch.tensor([icot.encode(icot.format_line([p], 4, 4)) for p in problems], device=device)
     layout = icot.layout_of(icot.encode(LINE_4X4), 4, 4, 1)
     torch.manual_seed(0)
-    model = icot.IcotModel(kind, hp, layout).cuda()
+    model = icot.IcotModel(kind, hp, layout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(20):
         model(tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    eager_loss = model(tokens)
-    eager_loss.backward()
-    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, tokens
+
+
+def loss_and_gradients(model, run, tokens, bf16):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        compiled_loss = torch.compile(model)(tokens)
-    compiled_loss.backward()
-    assert 0.01 < eager_loss.item() < 3.0  # trained, not ln(vocab) against ln(vocab)
-    torch.testing.assert_close(compiled_loss.float(), eager_loss, rtol=3e-2, atol=3e-2)
-    for name, p in model.named_parameters():
-        if name in eager and eager[name].norm() > 0:
-            cosine = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), eager[name].flatten(), dim=0)
-            assert cosine > 0.95, (name, cosine.item())
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = run(tokens)
+    loss.backward()
+    return loss.item(), {name: p.grad.double() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def gradients_beyond_bf16_noise(model, run, tokens):
+    """The parameters whose gradient from `run` under bf16 autocast is further from the eager fp32 gradient than
+    4 x eager bf16's own distance + 2%, relative to the fp32 gradient's norm. bf16 alone moves some gradients of
+    this model far (measured on CPU: up to 0.5 of their norm for emulator weights with tiny gradients, and a cosine
+    of 0.92 on an H100), so a fixed tolerance fails a correct compile; a wrong graph moves most parameters by
+    O(1), far past the bound."""
+    loss32, reference = loss_and_gradients(model, model, tokens, bf16=False)
+    _, eager = loss_and_gradients(model, model, tokens, bf16=True)
+    loss, candidate = loss_and_gradients(model, run, tokens, bf16=True)
+    beyond = []
+    for name, grad in reference.items():
+        scale = grad.norm()
+        eager_error, error = (eager[name] - grad).norm() / scale, (candidate[name] - grad).norm() / scale
+        if error > 4 * eager_error + 0.02:
+            beyond.append((name, round(error.item(), 4), round(eager_error.item(), 4)))
+    return loss32, loss, beyond
+
+
+@pytest.mark.parametrize("kind", ["teacher", "couple"])
+def test_compiled_bf16_loss_and_gradients_match_eager(kind):
+    model, tokens = trained_model(kind, "cuda")
+    fp32_loss, compiled_loss, beyond = gradients_beyond_bf16_noise(model, torch.compile(model), tokens)
+    assert 0.01 < fp32_loss < 3.0  # trained, not ln(vocab) against ln(vocab)
+    assert compiled_loss == pytest.approx(fp32_loss, rel=3e-2, abs=3e-2)
+    assert beyond == []

@@ -138,7 +138,8 @@ def test_compiled_model_forward_and_backward_match_eager():
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=1e-2)
     for name, grad in eager_grads.items():
         assert grad.abs().sum() > 0, name
-        assert (compiled_grads[name] - grad).norm() < 0.05 * grad.norm() + 1e-6, name
+        error = ((compiled_grads[name] - grad).norm() / grad.norm()).item()
+        assert error < 0.05, (name, tuple(grad.shape), error)
 
 
 def test_tiny_preset_as_one_nccl_process(tmp_path):
