@@ -61,8 +61,8 @@ if [[ " $* " == *" tests "* || " $* " == *" suite "* || " $* " == *" icot "* ]];
     for dir in ../shared shared; do
         if [[ -d "$dir/icot" && -d "$dir/tiktoken_cache" ]]; then SHARED="$dir"; break; fi
     done
-    [[ -n "$SHARED" ]] || die "the tests, suite and icot parts need the papers' files and tiktoken's cache, found neither in" \
-        "../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \
+    [[ -n "$SHARED" ]] || die "the tests, suite and icot parts need the papers' files and tiktoken's cache," \
+        "found neither in ../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \
         "(mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/)"
     export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$REPO_ROOT/$SHARED/tiktoken_cache}"
 fi

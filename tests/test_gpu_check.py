@@ -162,11 +162,19 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
     assert Path(str(check.calls) + ".tiktoken").read_text().splitlines()[-1] == "/elsewhere"
 
 
-def test_synthetic_val_shard_holds_what_train_gpt_reads():
-    """train_gpt.py reads val_tokens inputs and the target after the last one."""
+def test_synthetic_shards_hold_what_the_gpt_and_record_parts_read():
+    """Validation reads val_tokens inputs and the target after the last one; the gpt part trains GPT_STEPS steps
+    of the full configuration, the record part RECORD_STEPS steps of one micro-batch (train_gpt.py checks both
+    before it starts: the first GPU run stopped there twice)."""
     import train_gpt
-    written = int(re.search(r"--val_tokens (\d+)", GPU_CHECK.read_text()).group(1))
-    assert written >= train_gpt.Hyperparameters().val_tokens + 1
+    text = GPU_CHECK.read_text()
+    number = lambda pattern: int(re.search(pattern, text).group(1))
+    config = train_gpt.Hyperparameters()
+    assert number(r"--val_tokens (\d+)") >= config.val_tokens + 1
+    gpt_steps = number(r'GPT_STEPS="\$\{GPT_STEPS:-(\d+)\}"')
+    record_steps = number(r'RECORD_STEPS="\$\{RECORD_STEPS:-(\d+)\}"')
+    needed = max(gpt_steps * config.step_tokens, record_steps * config.micro_batch_tokens) + 1
+    assert number(r"--train_tokens (\d+)") >= needed
 
 
 def test_a_busy_gpu_stops_the_check_before_a_timed_part(check):
