@@ -967,14 +967,15 @@ class Logger:
         self.file.flush()
 
 
-def gpu_list():
+def gpu_list(use_cuda):
+    """The GPUs of the run for its log header: nvidia-smi's table (the record logs carry it), not on a CPU run."""
+    if not use_cuda:
+        return "no GPU (CPU run)"
     if shutil.which("nvidia-smi"):
         result = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
         if result.returncode == 0:
             return result.stdout.rstrip()
-    if torch.cuda.is_available():
-        return "\n".join(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
-    return "no GPU (CPU run)"
+    return "\n".join(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
 
 
 def check_finite(kind, loss, step, args, log):
@@ -1045,7 +1046,7 @@ def main(argv):
         log(script.read(), console=False)
     log("=" * 100, console=False)
     log(f"Python {platform.python_version()}\nPyTorch {torch.__version__}\nCUDA {torch.version.cuda or 'none'}")
-    log(gpu_list())
+    log(gpu_list(use_cuda))
     log("=" * 100)
     if args.seed < 0:  # a fresh seed per run, shared by all ranks
         seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)

@@ -42,8 +42,18 @@ def repo(tmp_path):
     _executable(bin_dir / "torchrun", '#!/usr/bin/env bash\necho "torchrun $*" >> "$CALLS"\n')
     _executable(bin_dir / "fake-python", FAKE_PYTHON)
     calls = tmp_path / "calls.txt"
-    # PATH without any real nvidia-smi, so the tests behave the same on a GPU machine.
-    system_path = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists()]
+    # PATH without any real nvidia-smi, so the tests behave the same on a GPU machine: a folder holding one (there
+    # /usr/bin, with bash and grep in it) is replaced by a folder of links to everything else in it.
+    system_path = []
+    for index, folder in enumerate(os.environ["PATH"].split(os.pathsep)):
+        if (Path(folder) / "nvidia-smi").exists():
+            shadow = tmp_path / f"path_{index}"
+            shadow.mkdir()
+            for entry in Path(folder).iterdir():
+                if entry.name != "nvidia-smi":
+                    (shadow / entry.name).symlink_to(entry)
+            folder = str(shadow)
+        system_path.append(folder)
 
     def run(*args, gpus=4, dry_run=True, cwd=root, **env):
         if gpus is not None:

@@ -195,6 +195,15 @@ def test_unwritable_log_dir_is_one_error_before_training(tiny_data, tmp_path):
     assert "choose a writable --log_dir" in result.stderr
 
 
+def test_a_cpu_run_logs_no_gpu_also_where_nvidia_smi_lists_some(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/usr/bin/env bash\necho "GPU 0: NVIDIA H100 80GB HBM3"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert tg.gpu_list(use_cuda=False) == "no GPU (CPU run)"
+    assert tg.gpu_list(use_cuda=True) == "GPU 0: NVIDIA H100 80GB HBM3"
+
+
 def test_stop_after_steps_times_the_full_schedule_and_reports_throughput(tiny_data, tmp_path):
     run_script(tiny_args(tiny_data, "--stop_after_steps=3"), tmp_path)
     log_text = read_log(tmp_path)
