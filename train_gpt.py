@@ -644,8 +644,8 @@ def check_train_data(files, args):
     if available < needed:
         flag = "stop_after_steps" if needed < args.num_iterations else "num_iterations"
         if args.train_files == DEFAULT_FILES[0]:
-            need = math.ceil(needed / (100_000_000 // args.step_tokens))
-            fix = f"run `python data/cached_fineweb10B.py {need}` from the repository root (100M-token shards)"
+            shards = math.ceil(needed / (100_000_000 // args.step_tokens))
+            fix = f"run `python data/cached_fineweb10B.py {shards}` from the repository root (100M-token shards)"
         else:
             fix = f"pass --{flag}={available} or give more data"
         raise UserError(f"the {len(files)} train shards matching {args.train_files!r} hold {available} steps of "
