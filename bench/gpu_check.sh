@@ -10,8 +10,11 @@
 #              CPU path): it must pass there too
 #     gpt      train_gpt.py, full configuration (8 micro-steps of 64K tokens per step) on synthetic shards,
 #              GPT_STEPS timed steps: ms per 524,288-token step, tokens/s, MFU, peak memory, warm-up time
-#     record   the side-by-side: train_gpt.py with one 64K micro-batch per step, then the public record script
-#              (needs RECORD_LOG, see below) on the same synthetic shards, RECORD_STEPS steps each
+#     record   train_gpt.py with one 64K micro-batch per step (what each of the record's 8 GPUs does in a step),
+#              RECORD_STEPS steps on the synthetic shards: our side of the side-by-side
+#     public   the other side: the public record script (needs RECORD_LOG, see below) on the same shards and GPU,
+#              RECORD_STEPS steps, its own log (which shows its warm-up) kept; then a summary row with both step
+#              times and their ratio (a part of its own: on the first H100 lease it ran 9 minutes without a step)
 #     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 4 minutes of
 #              training at the default size, its results table on the papers' test sets
 #     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS): p = 113, 12 runs (4 arms x 3 seeds) of 1000 steps
@@ -21,8 +24,8 @@
 #                   folder, packed into $OUT with tar: records/gpu/README.md)
 #   GPT_STEPS=30    timed steps of the gpt part          RECORD_STEPS=60   steps of each record run
 #   RECORD_LOG      a public record log (e.g. the GPT-2 Medium record's 000_592014ec-...txt): its first part is
-#                   the record script's text, which the record part extracts and runs unchanged except for its
-#                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as train_gpt.py does)
+#                   the record script's text, which the public part extracts and runs unchanged except for its
+#                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as the record part runs train_gpt.py)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
 #   PART_SECONDS=570 each part is stopped (with every process it started) after this long: exit 124 in its row,
 #                   and the next part still runs inside the device tool's 10-minute command
@@ -46,13 +49,18 @@ die() {
     exit 1
 }
 
-[[ $# -gt 0 ]] || die "name the parts to run: env tests suite gpt record icot oocl (see the header of $0)"
+[[ $# -gt 0 ]] || die "name the parts to run: env tests suite gpt record public icot oocl (see the header of $0)"
 for part in "$@"; do
     case "$part" in
-        env|tests|suite|gpt|record|icot|oocl) ;;
-        *) die "unknown part '$part'; the parts are: env tests suite gpt record icot oocl" ;;
+        env|tests|suite|gpt|record|public|icot|oocl) ;;
+        *) die "unknown part '$part'; the parts are: env tests suite gpt record public icot oocl" ;;
     esac
 done
+if [[ " $* " == *" public "* ]]; then
+    [[ -n "${RECORD_LOG:-}" && -f "${RECORD_LOG:-}" ]] \
+        || die "the public part needs RECORD_LOG=<a public record log whose first part is the script>, e.g." \
+            "bench/public/000_592014ec-6781-4f59-b274-c4af68ccfe75.txt (records/gpu/README.md says where it comes from)"
+fi
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' \
     || die "no NVIDIA GPU is visible (nvidia-smi -L lists none); this check needs one GPU"
 
@@ -65,6 +73,11 @@ if [[ " $* " == *" tests "* || " $* " == *" suite "* || " $* " == *" icot "* ]];
         "found neither in ../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \
         "(mkdir -p shared && cp -r ../shared/icot ../shared/tiktoken_cache shared/)"
     export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$REPO_ROOT/$SHARED/tiktoken_cache}"
+    # The machine has no network: without a cache that holds the encoding, the tokenisation tests fail one by one.
+    tiktoken_error="$("$PYTHON" -c "import tiktoken; tiktoken.get_encoding('gpt2')" 2>&1 >/dev/null)" \
+        || die "tiktoken cannot load the GPT-2 encoding with TIKTOKEN_CACHE_DIR=$TIKTOKEN_CACHE_DIR" \
+            "($(echo "$tiktoken_error" | tail -n 1)): point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's gpt2" \
+            "cache files (../shared/tiktoken_cache holds them)"
 fi
 
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
@@ -85,6 +98,7 @@ write_env() {
         "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))"
         "$PYTHON" -c "import triton; print('triton', triton.__version__)"
         echo "git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | grep -c . ) changed files"
+        echo "tiktoken cache: ${TIKTOKEN_CACHE_DIR:-unset}"
     } > "$CHECK_DIR/env.txt" 2>&1
     cat "$CHECK_DIR/env.txt"
 }
@@ -142,12 +156,14 @@ part_gpt() {
 }
 
 part_record() {
-    [[ -n "${RECORD_LOG:-}" && -f "${RECORD_LOG:-}" ]] \
-        || die "the record part needs RECORD_LOG=<a public record log whose first part is the script>"
     synthetic_shards
-    timed ours_one_microbatch "$GPT_RESULT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    timed record "$GPT_RESULT" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
         train_gpt.py "${GPT_DATA[@]}" --micro_batches_per_step 1 --stop_after_steps "$RECORD_STEPS" \
         --log_dir "$CHECK_DIR"
+}
+
+part_public() {
+    synthetic_shards
     # The public script reads data/fineweb10B/ relative to its working directory: give it a directory whose
     # data/fineweb10B/ holds links to the synthetic shards under FineWeb's names.
     local work
@@ -164,17 +180,33 @@ part_record() {
         > "$work/record_script.py"
     grep -q 'one GPU here' "$work/record_script.py" || echo "note: no 8-GPU assert found in the record script"
     # It runs its whole schedule; stop it once it has logged RECORD_STEPS steps.
-    timed public_record 'step_avg|peak memory' bash -c "cd '$work' && \
+    timed public 'step_avg|peak memory' bash -c "cd '$work' && \
         '$PYTHON' -m torch.distributed.run --standalone --nproc_per_node=1 record_script.py 2>&1 | \
         awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {exit}'"
     local status=$?
     # Its console shows nothing before step 0; its own log (after the script's text) shows how far it got.
     for own_log in "$work"/logs/*.txt; do
         [[ -f "$own_log" ]] && awk 'seen {print} /^=+$/ && length($0) >= 20 {seen = 1}' "$own_log" \
-            > "$CHECK_DIR/public_record_own_log.txt"
+            > "$CHECK_DIR/public_own_log.txt"
     done
     rm -rf "$work"
+    side_by_side
     return "$status"
+}
+
+# The number the side-by-side is for: both scripts' average step time at step RECORD_STEPS, and their ratio.
+side_by_side() {
+    local ours theirs pattern="step:$RECORD_STEPS/[0-9]+ train_time:[0-9]+ms step_avg:[0-9.]+"
+    ours="$(grep -hoE "$pattern" "$CHECK_DIR/record.log" 2>/dev/null | tail -n 1 | sed 's/.*step_avg://')"
+    theirs="$(grep -hoE "$pattern" "$CHECK_DIR/public.log" 2>/dev/null | tail -n 1 | sed 's/.*step_avg://')"
+    if [[ -z "$ours" || -z "$theirs" ]]; then
+        echo "side by side: no ratio (step $RECORD_STEPS logged by ours: ${ours:-no}, by the public script: ${theirs:-no})"
+        return 0
+    fi
+    local line
+    line="step_avg at step $RECORD_STEPS: ours ${ours} ms, public record ${theirs} ms, ours/public $(awk -v a="$ours" -v b="$theirs" 'BEGIN {printf "%.3f", a / b}')"
+    echo "side by side: $line"
+    printf '| side_by_side | record vs public | 0 | 0 | %s |\n' "$line" >> "$SUMMARY"
 }
 
 part_icot() {
@@ -199,6 +231,7 @@ for part in "$@"; do
         suite) timed suite 'passed|failed|error' "$PYTHON" -m pytest -q -rfEs --tb=short tests || failed=1 ;;
         gpt) part_gpt || failed=1 ;;
         record) part_record || failed=1 ;;
+        public) part_public || failed=1 ;;
         icot) part_icot || failed=1 ;;
         oocl) part_oocl || failed=1 ;;
     esac

@@ -8,10 +8,18 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-# tiktoken cannot download the GPT-2 BPE without a network; use the shared cache when it exists.
-_cache = REPO_ROOT.parent / "shared" / "tiktoken_cache"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+def shared_tiktoken_cache(repo_root):
+    """tiktoken cannot download the GPT-2 BPE without a network: use the shared cache, beside the checkout
+    (../shared) or copied into it (shared/, as on the GPU machine, which gets only the checkout)."""
+    for cache in (repo_root.parent / "shared" / "tiktoken_cache", repo_root / "shared" / "tiktoken_cache"):
+        if cache.is_dir() and any(cache.iterdir()):
+            return cache
+    return None
+
+
+if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken_cache(REPO_ROOT):
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken_cache(REPO_ROOT))
 
 
 @pytest.fixture(autouse=True)

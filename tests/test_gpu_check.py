@@ -18,6 +18,7 @@ GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$CALLS"
 echo "${TIKTOKEN_CACHE_DIR:-unset}" >> "$CALLS.tiktoken"
+if [[ "$*" == *get_encoding* && -n "${FAKE_NO_ENCODING:-}" ]]; then echo "requests.exceptions.ConnectionError: no network" >&2; exit 1; fi
 if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
@@ -26,7 +27,10 @@ if [[ "$*" == *record_script.py* ]]; then
     exit 0
 fi
 if [[ "$*" == *train_gpt.py* && -n "${FAKE_SLEEP:-}" ]]; then echo "compiling"; sleep "$FAKE_SLEEP"; fi
-if [[ "$*" == *train_gpt.py* ]]; then echo "step:30/5690 train_time:57000ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"; fi
+if [[ "$*" == *train_gpt.py* ]]; then
+    steps="$(echo "$*" | sed -E 's/.*--stop_after_steps ([0-9]+).*/\\1/')"
+    echo "step:$steps/5690 train_time:$((steps * 1900))ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"
+fi
 if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
 exit "${FAKE_EXIT:-0}"
 """
@@ -76,7 +80,7 @@ def check(tmp_path):
 def test_parts_are_checked_before_anything_runs(check):
     result = check.run("gpt", "speed")
     assert result.returncode == 1 and "unknown part 'speed'" in result.stderr
-    assert "env tests suite gpt record icot oocl" in result.stderr
+    assert "env tests suite gpt record public icot oocl" in result.stderr
     assert "name the parts to run" in check.run().stderr
     result = check.run("gpt", gpu=False)
     assert result.returncode == 1 and "no NVIDIA GPU is visible" in result.stderr
@@ -106,23 +110,36 @@ def test_gpt_part_writes_shards_once_runs_the_full_config_and_a_summary_row(chec
     assert "| 3 |" in (check.out / "summary.md").read_text().splitlines()[3]
 
 
-def test_record_part_runs_the_public_script_from_its_log_on_the_synthetic_shards(check, tmp_path):
-    assert "needs RECORD_LOG" in check.run("record").stderr
-    log = tmp_path / "record_log.txt"
-    log.write_text("import os\nworld_size = 1\nassert world_size == 8 # this code is designed for 8xH100\n"
-                   "print('training')\n" + "=" * 100 + "\nRunning Python 3.10\nstep:1/5690 val_loss:10.8\n")
-    result = check.run("record", RECORD_LOG=str(log), RECORD_STEPS="3")
+def test_record_and_public_parts_run_both_sides_on_the_same_shards_and_give_the_ratio(check, tmp_path):
+    result = check.run("record", "public")
+    assert result.returncode == 1 and "the public part needs RECORD_LOG=" in result.stderr
+    assert check.lines() == []  # refused before anything ran
+    result = check.run("record", RECORD_STEPS="3")  # our side alone needs no public log
     assert result.returncode == 0, result.stderr
     ours = [line for line in check.lines() if "train_gpt.py" in line]
     assert len(ours) == 1 and "--micro_batches_per_step 1 --stop_after_steps 3" in ours[0]
+    assert "| record | " in (check.out / "summary.md").read_text()
+    log = tmp_path / "record_log.txt"
+    log.write_text("import os\nworld_size = 1\nassert world_size == 8 # this code is designed for 8xH100\n"
+                   "print('training')\n" + "=" * 100 + "\nRunning Python 3.10\nstep:1/5690 val_loss:10.8\n")
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="3")
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in check.lines() if "train_gpt.py" in line]) == 1  # the public part runs only theirs
     script = Path(str(check.calls) + ".record_script.py").read_text()
     assert script == "import os\nworld_size = 1\npass  # one GPU here\nprint('training')\n"
     data = Path(str(check.calls) + ".record_data").read_text()
     assert "fineweb_train_000001.bin -> " in data and "synthetic_gpu/synthetic_train_000001.bin" in data
     assert "fineweb_val_000000.bin -> " in data
-    record_log = (check.out / "public_record.log").read_text()
+    record_log = (check.out / "public.log").read_text()
     assert "step:3/5690" in record_log and "step:4/5690" not in record_log  # stopped after RECORD_STEPS
-    assert (check.out / "public_record_own_log.txt").read_text() == "Warmup step 1/10\n"  # its log, not its text
+    assert (check.out / "public_own_log.txt").read_text() == "Warmup step 1/10\n"  # its log, not its text
+    # Ours 1900 ms, theirs 100 ms at step 3: the summary gets both and the ratio.
+    ratio = "step_avg at step 3: ours 1900.00 ms, public record 100.00 ms, ours/public 19.000"
+    assert f"side by side: {ratio}" in result.stdout
+    assert f"| side_by_side | record vs public | 0 | 0 | {ratio} |" in (check.out / "summary.md").read_text()
+    # Without our side's log at that step there is no ratio, and the check says why.
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="4")
+    assert "side by side: no ratio (step 4 logged by ours: no, by the public script: 100.00)" in result.stdout
 
 
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
@@ -160,6 +177,14 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
     assert cache[-2:] == [str(check.root / "shared" / "tiktoken_cache")] * 2
     assert check.run("icot", TIKTOKEN_CACHE_DIR="/elsewhere").returncode == 0  # a cache the user set wins
     assert Path(str(check.calls) + ".tiktoken").read_text().splitlines()[-1] == "/elsewhere"
+    assert "tiktoken cache: /elsewhere" in (check.out / "env.txt").read_text()
+    # A cache without the encoding stops those parts before anything runs, with the error and the fix.
+    before = len(check.lines())
+    result = check.run("tests", FAKE_NO_ENCODING="1")
+    assert result.returncode == 1 and "tiktoken cannot load the GPT-2 encoding with TIKTOKEN_CACHE_DIR=" in result.stderr
+    assert "(requests.exceptions.ConnectionError: no network)" in result.stderr
+    assert "point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's gpt2 cache files" in result.stderr
+    assert [line for line in check.lines()[before:] if "pytest" in line] == []
 
 
 def test_synthetic_shards_hold_what_the_gpt_and_record_parts_read():
