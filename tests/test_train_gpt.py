@@ -216,6 +216,25 @@ def test_stop_after_steps_times_the_full_schedule_and_reports_throughput(tiny_da
     assert re.search(r"^peak memory: max RSS \d+ MiB", log_text, re.M)
 
 
+
+def test_compiled_run_compiles_in_the_warm_up_and_never_in_the_timed_steps(tiny_data, tmp_path):
+    """ms/step is timed after the warm-up: a recompilation in the timed steps (a schedule value reaching a compiled
+    function as a Python number, a new shape) would be timed as training, and past the recompile limit the code
+    runs eagerly. The first evaluation compiles the no-grad forward once, outside the clock."""
+    args = tiny_args(tiny_data, "--compile=true", "--stop_after_steps=21", "--num_layers=5")  # the momentum warm-up, 2 evaluations
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_LOGS": "recompiles"}
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    lines = result.stdout.splitlines()
+    warmed_up = next(i for i, line in enumerate(lines) if line.startswith("warm-up ("))
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step:1/"))
+    recompiles = [i for i, line in enumerate(lines) if "Recompiling function" in line]
+    assert any("muon_update" in lines[i] for i in recompiles if i < warmed_up)  # one per matrix shape: logs work
+    after = [i for i in recompiles if i > warmed_up]
+    assert all(i < first_step and "grad_mode" in lines[i + 2] for i in after), [lines[i:i + 3] for i in after]
+    assert len(after) == 1
+
 # ---- Configuration ----
 
 def test_parse_args_forms_and_errors():
