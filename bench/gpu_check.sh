@@ -67,7 +67,8 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^G
 SHARED=""
 if [[ " $* " == *" tests "* || " $* " == *" suite "* || " $* " == *" icot "* ]]; then
     for dir in ../shared shared; do
-        if [[ -d "$dir/icot" && -d "$dir/tiktoken_cache" ]]; then SHARED="$dir"; break; fi
+        # (an empty tiktoken_cache folder is passed over: it holds no encoding)
+        if [[ -d "$dir/icot" && -n "$(ls -A "$dir/tiktoken_cache" 2>/dev/null)" ]]; then SHARED="$dir"; break; fi
     done
     [[ -n "$SHARED" ]] || die "the tests, suite and icot parts need the papers' files and tiktoken's cache," \
         "found neither in ../shared nor in shared/: copy them into the checkout before sending it to the GPU machine" \

@@ -72,6 +72,7 @@ def check(tmp_path):
         """The papers' files and tiktoken's cache, in `folder` (beside the checkout or inside it)."""
         for name in ("icot", "tiktoken_cache"):
             (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / "tiktoken_cache" / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").write_text("vocab.bpe")
 
     return SimpleNamespace(root=root, out=out, calls=calls, run=run, shared=shared,
                            lines=lambda: calls.read_text().splitlines() if calls.exists() else [])
@@ -167,7 +168,10 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
         assert "cp -r ../shared/icot ../shared/tiktoken_cache shared/" in result.stderr
     assert check.lines() == []
     assert check.run("gpt").returncode == 0
-    check.shared(check.root / "shared")
+    (check.root.parent / "shared" / "icot").mkdir(parents=True)  # beside: the papers' files, an empty cache
+    (check.root.parent / "shared" / "tiktoken_cache").mkdir()
+    assert "found neither in ../shared nor in shared/" in check.run("tests").stderr
+    check.shared(check.root / "shared")  # inside: both
     assert check.run("icot", "tests").returncode == 0
     assert "--paper_dir=shared/icot" in [line for line in check.lines() if "train_icot.py" in line][0]
     assert any(line.endswith("-m pytest -q -s -rfEs --tb=short --durations=0 tests/gpu") for line in check.lines())
