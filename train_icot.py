@@ -1364,7 +1364,11 @@ def run_all(hp):
                 die("--nocot_steps=0 means 'as many steps as the implicit chain', but --stages has no complete chain")
         _, steps_of[kind], wall = run_stage(kind, hp, train_set, val_set, steps)
         model = load_checkpoint(os.path.join(hp.ckpt_dir, f"{kind}.pt"), hp)
-        results = {name: evaluate(model, dataset, hp.eval_batch) for name, dataset in sets.items()}
+        results = {}
+        for name, dataset in sets.items():  # a 1000-line paper file of 9x9 products takes minutes on a CPU
+            if MASTER:
+                print(f"evaluating {kind} on {name}: {dataset.tokens.size(0)} lines of {dataset.path}", flush=True)
+            results[name] = evaluate(model, dataset, hp.eval_batch)
         rows.append((STAGE_NAMES[kind], steps_of[kind], results, wall))
     table = results_table(hp, rows, list(sets))
     if MASTER:

@@ -580,6 +580,10 @@ def test_all_writes_every_stage_table_logs_plots(tiny_run):
     rows = table_rows(table_path.read_text())
     assert table_path.read_text() in stdout
     assert len(rows) == 6 and rows["thought emulator"][2].startswith("quasi ")
+    evaluations = re.findall(r"^evaluating (\w+) on (\w[\w ]*): (\d+) lines of ", stdout, re.M)
+    assert [(stage, name) for stage, name, _ in evaluations[:3]] == [("teacher", "test"), ("teacher", "valid"),
+                                                                     ("teacher", "train")]
+    assert len(evaluations) == 3 * len(stages)  # each stage, each set, said before it runs
     teacher = rows["teacher (explicit CoT)"]
     assert float(teacher[2]) >= 0.1 and float(teacher[3]) >= 0.1, rows  # test, valid; chance ~1e-4
     assert len(teacher[5].split()) == 4  # per answer token
