@@ -18,6 +18,7 @@ GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$CALLS"
 echo "${TIKTOKEN_CACHE_DIR:-unset}" >> "$CALLS.tiktoken"
+[[ "$*" == *train_gpt.py* ]] && echo "TORCH_LOGS=${TORCH_LOGS:-unset}" >> "$CALLS.torch_logs"
 if [[ "$*" == *get_encoding* && -n "${FAKE_NO_ENCODING:-}" ]]; then echo "requests.exceptions.ConnectionError: no network" >&2; exit 1; fi
 if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
@@ -97,6 +98,7 @@ def test_gpt_part_writes_shards_once_runs_the_full_config_and_a_summary_row(chec
             "data/synthetic_gpu/synthetic_train_*.bin --val_files data/synthetic_gpu/synthetic_val_*.bin "
             f"--stop_after_steps 7 --log_dir {check.out}") in launches[0]
     assert "--micro_batches_per_step" not in launches[0]  # the full configuration: 8 micro-steps
+    assert Path(str(check.calls) + ".torch_logs").read_text() == "TORCH_LOGS=recompiles\n"  # in its log
     assert sum("data/synthetic.py" in line for line in check.lines()) == 1
     summary = (check.out / "summary.md").read_text().splitlines()
     assert summary[0].startswith("| part | command | exit | wall s |")
@@ -120,6 +122,7 @@ def test_record_and_public_parts_run_both_sides_on_the_same_shards_and_give_the_
     ours = [line for line in check.lines() if "train_gpt.py" in line]
     assert len(ours) == 1 and "--micro_batches_per_step 1 --stop_after_steps 3" in ours[0]
     assert "| record | " in (check.out / "summary.md").read_text()
+    assert Path(str(check.calls) + ".torch_logs").read_text() == "TORCH_LOGS=recompiles\n"
     log = tmp_path / "record_log.txt"
     log.write_text("import os\nworld_size = 1\nassert world_size == 8 # this code is designed for 8xH100\n"
                    "print('training')\n" + "=" * 100 + "\nRunning Python 3.10\nstep:1/5690 val_loss:10.8\n")
