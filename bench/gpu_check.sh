@@ -5,7 +5,8 @@
 #   bench/gpu_check.sh PART [PART ...]      parts, in the order given:
 #     env      GPU, driver, CUDA, torch and triton versions (every part also records them once)
 #     tests    the GPU tests (tests/gpu/; the rest of the suite is CI's, and hides CUDA anyway), their prints
-#              (the XXT tile timings) and a short traceback of each failure in the log
+#              (the XXT tile timings), one line per test as it ends (-v: a part stopped at its limit still says which
+#              passed) and a short traceback of each failure in the log
 #     suite    the whole pytest suite as a researcher on a GPU node runs it (tests/gpu with CUDA, the rest on the
 #              CPU path): it must pass there too
 #     gpt      train_gpt.py, full configuration (8 micro-steps of 64K tokens per step) on synthetic shards,
@@ -230,9 +231,9 @@ failed=0
 for part in "$@"; do
     case "$part" in
         env) ;;
-        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -q -s -rfEs --tb=short --durations=0 tests/gpu \
+        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu \
                    || failed=1 ;;
-        suite) timed suite 'passed|failed|error' "$PYTHON" -m pytest -q -rfEs --tb=short tests || failed=1 ;;
+        suite) timed suite 'passed|failed|error' "$PYTHON" -m pytest -v -rfEs --tb=short tests || failed=1 ;;
         gpt) part_gpt || failed=1 ;;
         record) part_record || failed=1 ;;
         public) part_public || failed=1 ;;

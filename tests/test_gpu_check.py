@@ -177,9 +177,9 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
     check.shared(check.root / "shared")  # inside: both
     assert check.run("icot", "tests").returncode == 0
     assert "--paper_dir=shared/icot" in [line for line in check.lines() if "train_icot.py" in line][0]
-    assert any(line.endswith("-m pytest -q -s -rfEs --tb=short --durations=0 tests/gpu") for line in check.lines())
+    assert any(line.endswith("-m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu") for line in check.lines())
     assert check.run("suite").returncode == 0
-    assert check.lines()[-1].endswith("-m pytest -q -rfEs --tb=short tests")
+    assert check.lines()[-1].endswith("-m pytest -v -rfEs --tb=short tests")
     cache = Path(str(check.calls) + ".tiktoken").read_text().splitlines()
     assert cache[-2:] == [str(check.root / "shared" / "tiktoken_cache")] * 2
     assert check.run("icot", TIKTOKEN_CACHE_DIR="/elsewhere").returncode == 0  # a cache the user set wins
