@@ -448,7 +448,8 @@ class Dataset:
 def load_dataset(path, max_lines=None):
     """Check every line (vocabulary, format, arithmetic) and tokenise; one digit size and K per file."""
     if not os.path.isfile(path):
-        die(f"{path}: no such file (run `python train_icot.py all` or data/multiplication.py to generate it)")
+        die(f"{path}: no such file (a training command of train_icot.py, e.g. `teacher` or `all`, writes the default "
+            f"files of --data_dir; data/multiplication.py writes others)")
     rows, layout = [], None
     with open(path) as f:
         for number, line in enumerate(f, start=1):
@@ -1345,12 +1346,9 @@ CHAINS = {"stepwise": ("teacher", "stepwise"), "distillation": ("teacher", "mind
 
 
 def run_all(hp):
-    """Data, then the stages of --stages in the order teacher, stepwise, mindread, emulator, couple, nocot; the no-CoT
+    """The stages of --stages in the order teacher, stepwise, mindread, emulator, couple, nocot; the no-CoT
     baseline gets (unless --nocot_steps) as many steps as the longest complete implicit chain. The table is written
     under --log_dir."""
-    if MASTER:
-        generate_data(hp)
-    barrier()
     train_set, val_set = load_dataset(hp.train_file), load_dataset(hp.val_file, hp.eval_lines)
     sets = {name: load_dataset(path) for name, path in report_sets(hp)}
     sets["train"] = load_dataset(hp.train_file, hp.train_eval_lines)
@@ -1469,6 +1467,10 @@ def main(argv):
     setup_distributed()
     torch.manual_seed(hp.seed)
     try:
+        if command not in ("eval", "predict"):  # every training command writes the default data files when missing
+            if MASTER:
+                generate_data(hp)
+            barrier()
         if command == "all":
             return run_all(hp)
         if command == "eval":

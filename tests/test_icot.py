@@ -562,6 +562,60 @@ def tiny_run(tmp_path_factory):
     return dirs, args, run.stdout
 
 
+
+def test_a_stage_command_writes_missing_data_first(tmp_path):
+    """Not only `all`: a single stage on an empty --data_dir writes the default files (the papers' problems
+    excluded) before it trains, so a sweep of single stages needs no data step of its own."""
+    data = tmp_path / "data"
+    run = subprocess.run([sys.executable, REPO_ROOT / "train_icot.py", "teacher", "--preset", "tiny",
+                          f"--data_dir={data}", f"--ckpt_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}",
+                          "--teacher_steps=2", "--train_lines=300", "--eval_lines=20"],
+                         capture_output=True, text=True, cwd=REPO_ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "generating data:" in run.stdout and "--splits train=300," in run.stdout
+    assert len((data / "train.txt").read_text().splitlines()) == 300 and (data / "valid.txt").is_file()
+    assert (tmp_path / "ckpt" / "teacher.pt").is_file()
+
+
+STAND_IN_STAGE = """
+import os, sys
+stage, args = sys.argv[1], sys.argv[2:]
+log_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--log_dir="))
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(" ".join(sys.argv[1:]) + "\\n")
+if "--lr=" + os.environ.get("FAIL_LR", "none") in args:
+    sys.exit("error: stopped")
+os.makedirs(log_dir)
+with open(os.path.join(log_dir, "icot_run.txt"), "w") as log:
+    log.write(f"stage {stage} done: 2 steps\\n")
+print(f"stage {stage} done: 2 steps")
+"""
+
+
+def test_sweep_runs_each_setting_once_with_the_callers_arguments(tmp_path):
+    """records/icot/sweep.sh: one run per (stage, lr, embedding-lr multiplier, weight decay), its log folder named
+    after them; a finished run is skipped, so a sweep stopped by a failure or a time limit goes on where it stopped."""
+    stand_in, calls = tmp_path / "stage.py", tmp_path / "calls.txt"
+    stand_in.write_text(STAND_IN_STAGE)
+    env = {**os.environ, "SCRIPT": str(stand_in), "CALLS": str(calls), "STAGES": "teacher nocot", "LRS": "1e-3 3e-3",
+           "MULTS": "10", "WDS": "0 0.1"}
+    sweep = lambda **extra: subprocess.run([REPO_ROOT / "records" / "icot" / "sweep.sh", tmp_path / "sweep",
+                                            "--task=4x4", "--teacher_steps=2"], env={**env, **extra},
+                                           capture_output=True, text=True, cwd=REPO_ROOT)
+    result = sweep(FAIL_LR="3e-3")  # the first teacher run at 3e-3 fails: the sweep stops there
+    assert result.returncode != 0 and "error: stopped" in result.stderr
+    assert len(calls.read_text().splitlines()) == 3
+    result = sweep()
+    assert result.returncode == 0, result.stderr
+    runs = calls.read_text().splitlines()[3:]
+    assert runs[0] == (f"teacher --task=4x4 --teacher_steps=2 --lr=3e-3 --embed_lr_mult=10 --weight_decay=0 "
+                       f"--log_dir={tmp_path}/sweep/logs/teacher_lr3e-3_emb10_wd0")
+    assert len(runs) == 6 and [r.split()[0] for r in runs] == ["teacher"] * 2 + ["nocot"] * 4
+    assert result.stdout.count("done already: ") == 2
+    assert sorted(p.name for p in (tmp_path / "sweep" / "logs").iterdir()) == sorted(
+        f"{stage}_lr{lr}_emb10_wd{wd}" for stage in ("teacher", "nocot") for lr in ("1e-3", "3e-3") for wd in ("0", "0.1"))
+    assert sweep().stdout.count("done already: ") == 8 and len(calls.read_text().splitlines()) == 9
+
 def table_rows(markdown):
     rows = {}
     for line in markdown.splitlines():

@@ -4,19 +4,10 @@
 # weight decay {0, 0.1}. Run from the repository root, one thread: records/icot/sweep_tiny/sweep.sh [SCRIPT]
 # (SCRIPT: the train_icot.py to run; the logs hold the full script that ran).
 set -euo pipefail
-SCRIPT=${1:-train_icot.py}
-OUT=records/icot/sweep_tiny
 [ -f data/icot/sweep_2x2_k1/train.txt ] || python3 data/multiplication.py --digits 2x2 --per-line 1 \
   --splits train=20000,valid=500,test=500 --out-dir data/icot/sweep_2x2_k1 --seed 0
-COMMON="--preset tiny --data_dir=data/icot/sweep_2x2_k1 --ckpt_dir=checkpoints/icot/sweep_tiny --warmup_steps=20
-  --eval_every=1000 --eval_lines=500 --eval_batch=500 --cpu_threads=1"
 for stage in teacher nocot; do
-  for lr in 1e-3 3e-3 1e-2; do
-    for mult in 1 10; do
-      for wd in 0 0.1; do
-        python3 "$SCRIPT" $stage $COMMON --${stage}_steps=250 --lr=$lr --embed_lr_mult=$mult \
-          --weight_decay=$wd --log_dir=$OUT/logs/${stage}_lr${lr}_emb${mult}_wd${wd} > /dev/null
-      done
-    done
-  done
+  STAGES=$stage SCRIPT=${1:-train_icot.py} records/icot/sweep.sh records/icot/sweep_tiny --preset tiny \
+    --data_dir=data/icot/sweep_2x2_k1 --ckpt_dir=checkpoints/icot/sweep_tiny --warmup_steps=20 --eval_every=1000 \
+    --eval_lines=500 --eval_batch=500 --cpu_threads=1 --${stage}_steps=250
 done
