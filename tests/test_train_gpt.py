@@ -484,6 +484,30 @@ def test_muon_step_is_the_record_update():
             expected[p] = master  # the next step starts from the weights actually reached
 
 
+def tiny_model_with_every_gradient_nonzero(device):
+    """The tiny model, and a micro-batch, in which every parameter gets a gradient: at initialisation the head and
+    the output projections are zero, and so is each block's weight of x01 (lambdas (1, 0, 0)), which leaves embed2
+    without a gradient. A comparison of gradients (compiled against eager on a GPU) must compare numbers, not zeros."""
+    args = tg.parse_args(["--preset=tiny"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tg.build_model(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                tg.uniform_(p, p.size(-1))
+        model.scalars.uniform_(0.25, 1.0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, 50257, (args.micro_batch_tokens + 1,), device=device, generator=generator)
+    tokens[::97] = args.eos_token
+    return model, tokens[:-1].int(), tokens[1:].long()
+
+
+def test_the_gradient_comparison_model_has_every_gradient_nonzero():
+    model, inputs, targets = tiny_model_with_every_gradient_nonzero("cpu")
+    model(inputs, targets, torch.tensor(3, dtype=torch.int32)).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
 def muon_update_change(update, shape, device, steps=3):
     """The weight change (fp32 master) that `update` makes over a few steps of random gradients."""
     generator = torch.Generator(device=device).manual_seed(0)
