@@ -16,7 +16,7 @@
 #     public   the other side: the public record script (needs RECORD_LOG, see below) on the same shards and GPU,
 #              RECORD_STEPS steps, its own log (which shows its warm-up) kept; then a summary row with both step
 #              times and their ratio (a part of its own: on the first H100 lease it ran 9 minutes without a step)
-#     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 4 minutes of
+#     icot     train_icot.py at GPU size (ICOT_ARGS): 4x4 data (808k lines), the teacher for 2 minutes of
 #              training at the default size, its results table on the papers' test sets
 #     oocl     a timed oocl.py sweep at GPU size (OOCL_ARGS): p = 113, 12 runs (4 arms x 3 seeds) of 1000 steps
 #
@@ -217,7 +217,7 @@ side_by_side() {
 part_icot() {
     # shellcheck disable=SC2086
     timed icot 'accuracy|acc|problems/s|step_avg|wall|Error|error' "$PYTHON" train_icot.py \
-        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=4 --paper_dir=$SHARED/icot --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
+        ${ICOT_ARGS:-all --stages teacher --task=4x4 --per_line=1 --stage_minutes=2 --paper_dir=$SHARED/icot --log_dir=$CHECK_DIR/icot --ckpt_dir=checkpoints/icot/gpu_check}
 }
 
 part_oocl() {

@@ -152,7 +152,7 @@ def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check)
     assert result.returncode == 0, result.stderr
     icot = [line for line in check.lines() if "train_icot.py" in line]
     oocl = [line for line in check.lines() if "oocl.py" in line]
-    assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=4" in icot[0]
+    assert len(icot) == 1 and "train_icot.py all --stages teacher --task=4x4 --per_line=1 --stage_minutes=2" in icot[0]
     assert "--paper_dir=../shared/icot" in icot[0]
     assert f"--log_dir={check.out}/icot" in icot[0]
     assert len(oocl) == 1 and "oocl.py sweep --p 113 --model_dim 128" in oocl[0] and f"--out_dir {check.out}/oocl" in oocl[0]
