@@ -26,7 +26,8 @@
 #   GPT_STEPS=30    timed steps of the gpt part          RECORD_STEPS=60   steps of each record run
 #   RECORD_LOG      a public record log (e.g. the GPT-2 Medium record's 000_592014ec-...txt): its first part is
 #                   the record script's text, which the public part extracts and runs unchanged except for its
-#                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as the record part runs train_gpt.py)
+#                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as the record part runs
+#                   train_gpt.py)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
 #   PART_SECONDS=570 each part is stopped (with every process it started) after this long: exit 124 in its row,
 #                   and the next part still runs inside the device tool's 10-minute command
@@ -156,8 +157,8 @@ GPT_LOGS=(env "TORCH_LOGS=${TORCH_LOGS:-recompiles}")
 
 part_gpt() {
     synthetic_shards
-    timed gpt "$GPT_RESULT" "${GPT_LOGS[@]}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py \
-        "${GPT_DATA[@]}" --stop_after_steps "$GPT_STEPS" --log_dir "$CHECK_DIR"
+    timed gpt "$GPT_RESULT" "${GPT_LOGS[@]}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        train_gpt.py "${GPT_DATA[@]}" --stop_after_steps "$GPT_STEPS" --log_dir "$CHECK_DIR"
 }
 
 part_record() {
@@ -205,11 +206,13 @@ side_by_side() {
     ours="$(grep -hoE "$pattern" "$CHECK_DIR/record.log" 2>/dev/null | tail -n 1 | sed 's/.*step_avg://')"
     theirs="$(grep -hoE "$pattern" "$CHECK_DIR/public.log" 2>/dev/null | tail -n 1 | sed 's/.*step_avg://')"
     if [[ -z "$ours" || -z "$theirs" ]]; then
-        echo "side by side: no ratio (step $RECORD_STEPS logged by ours: ${ours:-no}, by the public script: ${theirs:-no})"
+        echo "side by side: no ratio (step $RECORD_STEPS logged by ours: ${ours:-no}," \
+            "by the public script: ${theirs:-no})"
         return 0
     fi
-    local line
-    line="step_avg at step $RECORD_STEPS: ours ${ours} ms, public record ${theirs} ms, ours/public $(awk -v a="$ours" -v b="$theirs" 'BEGIN {printf "%.3f", a / b}')"
+    local ratio line
+    ratio="$(awk -v a="$ours" -v b="$theirs" 'BEGIN {printf "%.3f", a / b}')"
+    line="step_avg at step $RECORD_STEPS: ours ${ours} ms, public record ${theirs} ms, ours/public $ratio"
     echo "side by side: $line"
     printf '| side_by_side | record vs public | 0 | 0 | %s |\n' "$line" >> "$SUMMARY"
 }

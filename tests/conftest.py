@@ -18,8 +18,9 @@ def shared_tiktoken_cache(repo_root):
     return None
 
 
-if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken_cache(REPO_ROOT):
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken_cache(REPO_ROOT))
+_cache = shared_tiktoken_cache(REPO_ROOT)
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache:
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
 
 
 @pytest.fixture(autouse=True)

@@ -216,12 +216,12 @@ def test_stop_after_steps_times_the_full_schedule_and_reports_throughput(tiny_da
     assert re.search(r"^peak memory: max RSS \d+ MiB", log_text, re.M)
 
 
-
 def test_compiled_run_compiles_in_the_warm_up_and_never_in_the_timed_steps(tiny_data, tmp_path):
     """ms/step is timed after the warm-up: a recompilation in the timed steps (a schedule value reaching a compiled
     function as a Python number, a new shape) would be timed as training, and past the recompile limit the code
     runs eagerly. The first evaluation compiles the no-grad forward once, outside the clock."""
-    args = tiny_args(tiny_data, "--compile=true", "--stop_after_steps=21", "--num_layers=5")  # the momentum warm-up, 2 evaluations
+    # 21 steps: the momentum warm-up and two evaluations; 5 layers: every kind of block, less to compile
+    args = tiny_args(tiny_data, "--compile=true", "--stop_after_steps=21", "--num_layers=5")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_LOGS": "recompiles"}
     result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=300)
@@ -234,6 +234,7 @@ def test_compiled_run_compiles_in_the_warm_up_and_never_in_the_timed_steps(tiny_
     after = [i for i in recompiles if i > warmed_up]
     assert all(i < first_step and "grad_mode" in lines[i + 2] for i in after), [lines[i:i + 3] for i in after]
     assert len(after) == 1
+
 
 # ---- Configuration ----
 
@@ -507,6 +508,7 @@ def test_the_gradient_comparison_model_has_every_gradient_nonzero():
     model, inputs, targets = tiny_model_with_every_gradient_nonzero("cpu")
     model(inputs, targets, torch.tensor(3, dtype=torch.int32)).backward()
     assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
 
 def muon_update_change(update, shape, device, steps=3):
     """The weight change (fp32 master) that `update` makes over a few steps of random gradients."""
