@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.gpu.test_gpu_icot import beyond_bf16_noise
 from tests.test_train_gpt import muon_update_change, tiny_model_with_every_gradient_nonzero
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,8 +116,8 @@ def test_compiled_flex_attention_with_document_masks_matches_dense_attention():
 
 
 def compiled_and_eager_against_fp32(device):
-    """Loss and per-parameter relative gradient error of the eager and the compiled model (bf16 weights, on
-    `device`) against an fp32 copy on the CPU path -> {name: (compiled error, eager error)}, (losses)."""
+    """Losses and {name: gradient} of an fp32 copy on the CPU path, of the eager and of the compiled model (bf16
+    weights, on `device`) -> (reference, eager, compiled), each (loss, gradients)."""
     model, inputs, targets = tiny_model_with_every_gradient_nonzero(device)
     reference = copy.deepcopy(model).float().cpu()
 
@@ -127,12 +128,8 @@ def compiled_and_eager_against_fp32(device):
         loss.backward()
         return loss.item(), {name: p.grad.double().cpu() for name, p in module.named_parameters()}
 
-    reference_loss, reference_grads = loss_and_gradients(reference, reference)
-    eager_loss, eager_grads = loss_and_gradients(model, model)
-    compiled_loss, compiled_grads = loss_and_gradients(model, torch.compile(model, dynamic=False))
-    error = lambda grads, name: ((grads[name] - reference_grads[name]).norm() / reference_grads[name].norm()).item()
-    errors = {name: (error(compiled_grads, name), error(eager_grads, name)) for name in reference_grads}
-    return errors, (reference_loss, eager_loss, compiled_loss)
+    return (loss_and_gradients(reference, reference), loss_and_gradients(model, model),
+            loss_and_gradients(model, torch.compile(model, dynamic=False)))
 
 
 def test_compiled_model_forward_and_backward_match_eager():
@@ -140,10 +137,10 @@ def test_compiled_model_forward_and_backward_match_eager():
     (the 31 scalars) several % from fp32 (4.6% in eager mode on CPU), so a fixed bound on compiled against eager
     fails on noise (the first lease: > 5%). The compiled model must be as close to the fp32 reference as 4x eager
     bf16's own distance + 2%, parameter by parameter."""
-    errors, (reference_loss, eager_loss, compiled_loss) = compiled_and_eager_against_fp32("cuda")
+    runs = compiled_and_eager_against_fp32("cuda")
+    (reference_loss, reference), (eager_loss, eager), (compiled_loss, compiled) = runs
     assert abs(compiled_loss - reference_loss) < 1e-2 * reference_loss, (compiled_loss, eager_loss, reference_loss)
-    for name, (compiled_error, eager_error) in errors.items():
-        assert compiled_error <= 4 * eager_error + 0.02, (name, compiled_error, eager_error)
+    assert beyond_bf16_noise(reference, eager, compiled) == []
 
 
 def test_tiny_preset_as_one_nccl_process(tmp_path):
