@@ -28,6 +28,8 @@
 #                   the record script's text, which the public part extracts and runs unchanged except for its
 #                   8-GPU assert (it runs on one GPU here, one micro-batch per step, as the record part runs
 #                   train_gpt.py)
+#   GPT_ARGS        more train_gpt.py arguments for the gpt and record parts (e.g. --no_coordinate_descent_tuning
+#                   when its compilation does not fit a call even with Inductor's cache from the last one)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
 #   PART_SECONDS=570 each part is stopped (with every process it started) after this long: exit 124 in its row,
 #                   and the next part still runs inside the device tool's 10-minute command
@@ -157,15 +159,17 @@ GPT_LOGS=(env "TORCH_LOGS=${TORCH_LOGS:-recompiles}")
 
 part_gpt() {
     synthetic_shards
+    # shellcheck disable=SC2086
     timed gpt "$GPT_RESULT" "${GPT_LOGS[@]}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
-        train_gpt.py "${GPT_DATA[@]}" --stop_after_steps "$GPT_STEPS" --log_dir "$CHECK_DIR"
+        train_gpt.py "${GPT_DATA[@]}" --stop_after_steps "$GPT_STEPS" --log_dir "$CHECK_DIR" ${GPT_ARGS:-}
 }
 
 part_record() {
     synthetic_shards
+    # shellcheck disable=SC2086
     timed record "$GPT_RESULT" "${GPT_LOGS[@]}" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
         train_gpt.py "${GPT_DATA[@]}" --micro_batches_per_step 1 --stop_after_steps "$RECORD_STEPS" \
-        --log_dir "$CHECK_DIR"
+        --log_dir "$CHECK_DIR" ${GPT_ARGS:-}
 }
 
 part_public() {
@@ -185,11 +189,16 @@ part_public() {
     awk '/^=+$/ && length($0) >= 20 {exit} {print}' "$RECORD_LOG" | sed 's/^assert world_size == 8.*$/pass  # one GPU here/' \
         > "$work/record_script.py"
     grep -q 'one GPU here' "$work/record_script.py" || echo "note: no 8-GPU assert found in the record script"
+    # Its warm-up lines carry no time: note when each line of its own log appears (how long its compilation takes,
+    # even when the part is stopped).
+    note_progress "$work/logs" "$CHECK_DIR/public_progress.txt" >/dev/null 2>&1 &
+    local watcher=$!
     # It runs its whole schedule; stop it once it has logged RECORD_STEPS steps.
     timed public 'step_avg|peak memory' bash -c "cd '$work' && \
         '$PYTHON' -m torch.distributed.run --standalone --nproc_per_node=1 record_script.py 2>&1 | \
         awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {exit}'"
     local status=$?
+    kill "$watcher" 2>/dev/null
     # Its console shows nothing before step 0; its own log (after the script's text) shows how far it got.
     for own_log in "$work"/logs/*.txt; do
         [[ -f "$own_log" ]] && awk 'seen {print} /^=+$/ && length($0) >= 20 {seen = 1}' "$own_log" \
@@ -198,6 +207,18 @@ part_public() {
     rm -rf "$work"
     side_by_side
     return "$status"
+}
+
+# Every PROGRESS_SECONDS, the newest line of the logs in folder $1 with the seconds since the start, into $2
+# when it changed.
+note_progress() {
+    local start=$SECONDS last="" line
+    : > "$2"
+    while sleep "${PROGRESS_SECONDS:-5}"; do
+        line="$(tail -q -n 1 "$1"/*.txt 2>/dev/null | tail -n 1)"
+        [[ -n "$line" && "$line" != "$last" ]] && echo "$((SECONDS - start)) s: $line" >> "$2"
+        last="$line"
+    done
 }
 
 # The number the side-by-side is for: both scripts' average step time at step RECORD_STEPS, and their ratio.

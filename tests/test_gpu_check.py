@@ -24,6 +24,9 @@ if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
     mkdir -p logs; printf 'print("the script")\n%s\nWarmup step 1/10\n' "$(printf '=%.0s' {1..100})" > logs/run.txt
+    if [[ -n "${FAKE_WARMUP_SECONDS:-}" ]]; then
+        sleep "$FAKE_WARMUP_SECONDS"; echo "Warmup step 2/10" >> logs/run.txt; sleep "$FAKE_WARMUP_SECONDS"
+    fi
     for i in 1 2 3 4 5; do echo "step:$i/5690 train_time:${i}00ms step_avg:100.00ms"; done
     exit 0
 fi
@@ -144,6 +147,28 @@ def test_record_and_public_parts_run_both_sides_on_the_same_shards_and_give_the_
     # Without our side's log at that step there is no ratio, and the check says why.
     result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="4")
     assert "side by side: no ratio (step 4 logged by ours: no, by the public script: 100.00)" in result.stdout
+
+
+def test_gpt_args_reach_train_gpt_in_the_gpt_and_record_parts(check):
+    result = check.run("gpt", "record", GPT_ARGS="--no_coordinate_descent_tuning --seed 3")
+    assert result.returncode == 0, result.stderr
+    launches = [line for line in check.lines() if "train_gpt.py" in line]
+    assert len(launches) == 2
+    assert all(line.endswith(f"--log_dir {check.out} --no_coordinate_descent_tuning --seed 3") for line in launches)
+
+
+def test_public_part_notes_when_each_line_of_its_own_log_appears(check, tmp_path):
+    # The record script's warm-up lines carry no time; the check notes when each appears.
+    log = tmp_path / "record_log.txt"
+    log.write_text("assert world_size == 8\n" + "=" * 100 + "\n")
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="3", FAKE_WARMUP_SECONDS="1.5",
+                       PROGRESS_SECONDS="0.2")
+    assert result.returncode == 0, result.stderr
+    progress = (check.out / "public_progress.txt").read_text().splitlines()
+    assert [line.split(" s: ")[1] for line in progress] == ["Warmup step 1/10", "Warmup step 2/10"]
+    first, second = (int(line.split(" s: ")[0]) for line in progress)
+    assert second - first >= 1
+    assert (check.out / "public_own_log.txt").read_text() == "Warmup step 1/10\nWarmup step 2/10\n"
 
 
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
