@@ -686,6 +686,19 @@ class RunLogs:
             f.close()
 
 
+# dense bf16 tensor-core peaks (NVIDIA's datasheets halve their sparsity figures); the first name found in the
+# device's name counts, so the PCIe and NVL variants come before the SXM parts' family names
+PEAK_BF16_FLOPS = {"H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200 NVL": 835.5e12,
+                   "H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def peak_memory_line(device):
     if device.type == "cuda":
         return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
@@ -703,7 +716,7 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
     group = RunGroup(args, specs, device)
     logs = RunLogs(args, specs, device, echo, rank, world_size)
     flops_per_step = 3 * matmul_flops_per_example(args) * group.train_inputs.shape[0] * group.train_inputs.shape[1]
-    peak = 989.5e12 if device.type == "cuda" else None  # H100 SXM dense bf16
+    peak = peak_flops(device)
     history = [[] for _ in specs]
     best, best_step, stop_step = [-1.0] * len(specs), [0] * len(specs), [None] * len(specs)
     train_time_ms, timed_steps = 0.0, 0

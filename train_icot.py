@@ -1024,7 +1024,10 @@ def all_reduce_grads(params):
         offset += g.numel()
 
 
-PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}  # dense bf16
+# dense bf16 tensor-core peaks (NVIDIA's datasheets halve their sparsity figures); the first name found in the
+# device's name counts, so the PCIe and NVL variants come before the SXM parts' family names
+PEAK_FLOPS = {"H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200 NVL": 835.5e12,
+              "H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
 
 
 def peak_flops():
