@@ -1,0 +1,172 @@
+"""train_gpt.py's model and Muon step against the public record script's, on the CPU (no GPU needed).
+
+    python bench/compare_public.py RECORD_LOG [--seq_len 2048] [--windows 1 2 3 4 8]
+
+RECORD_LOG is the public GPT-2 Medium record's log (its first part is the script; records/gpu/README.md says where
+it comes from). Its model and Muon code are read from the log and run here, never copied into the repository, with
+three run-time changes that keep the math: tensors on the input's device instead of "cuda", the head in fp32 like
+the rest of this fp32 comparison, and int32 instead of uint32 in the bit arithmetic (no uint32 shifts on CPU; the
+same bits). Both models get the same random non-zero weights (the zero-initialised ones too). Its attention is
+replaced by train_gpt.py's CPU attention, which honours the block mask's kv-block counts as FlexAttention's kernel
+does (eager FlexAttention on a CPU applies only the mask function, so the sliding window would be ignored), and
+the block masks themselves are compared block by block. Prints one line per check; exit 1 when one differs.
+"""
+
+import argparse
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+CHANGES = [  # (the record's text, what runs here, why) : run-time changes that keep the math
+    ('torch.empty(1, device="cuda", requires_grad=True).backward()', "pass", "no GPU here"),
+    ('device="cuda"', "device=input_seq.device", "masks on the input's device"),
+    ("self.lm_head_w.bfloat16()", "self.lm_head_w", "fp32 comparison"),
+    ("torch.uint32", "torch.int32", "CPU has no uint32 shifts; the same bits"),
+]
+VOCAB = 50257  # the record's embedding rows (its head and train_gpt.py's tables are padded to 50304)
+
+
+def load_public(record_log):
+    text = Path(record_log).read_text()
+    script = text.split("=" * 100)[0]
+    if "class GPT(" not in script or "# int main" not in script:
+        raise SystemExit(f"compare_public.py: error: {record_log} does not start with the record script (no GPT class"
+                         " or '# int main' line): pass the GPT-2 Medium record's log (records/gpu/README.md)")
+    code = script[:script.index("# int main")]
+    for old, new, _ in CHANGES:
+        if old not in code:
+            raise SystemExit(f"compare_public.py: error: the record script has no {old!r}: not the script this "
+                             "comparison was written for (the 2025-09-11 GPT-2 Medium record)")
+        code = code.replace(old, new)
+    public = types.ModuleType("public_record")
+    public.__dict__["__file__"] = record_log
+    saved_argv = sys.argv
+    sys.argv = [record_log]  # it reads its own text as sys.argv[0] for its log
+    try:
+        exec(compile(code, record_log, "exec"), public.__dict__)
+    finally:
+        sys.argv = saved_argv
+    public.flex_attention = tg.attention  # block counts honoured, as by the compiled kernel
+    return public
+
+
+def same_weights(public, seq_len):
+    """The record's GPT and train_gpt.py's, in fp32, with the same random non-zero weights."""
+    theirs = public.GPT(vocab_size=VOCAB, num_layers=16, num_heads=8, model_dim=1024, max_seq_len=seq_len).float()
+    ours = tg.build_model(tg.Hyperparameters(micro_batch_tokens=seq_len, val_seq_len=seq_len)).float()
+    n = len(ours.blocks)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else 0.5 + 0.3 * torch.randn_like(p))
+        for a, b in [(ours.embed1, theirs.embed1), (ours.embed2, theirs.embed2),
+                     *zip(ours.value_embeds, theirs.value_embeds)]:
+            a.weight[:VOCAB].copy_(b.weight)
+        ours.head.weight.copy_(theirs.lm_head_w)
+        for a, b in zip(ours.blocks, theirs.blocks):
+            if (a.attn is None) != (b.attn is None):
+                raise SystemExit("compare_public.py: the blocks without attention differ")
+            if a.attn is not None:
+                a.attn.qkv_weight.copy_(b.attn.qkvo_w[:3])
+                a.attn.proj.weight.copy_(b.attn.qkvo_w[3])
+            a.mlp.fc.weight.copy_(b.mlp.fc_w)
+            a.mlp.proj.weight.copy_(b.mlp.proj_w)
+        s = theirs.scalars  # skip weights (n), block lambdas (3n), value-mix lambdas (2n)
+        skips = [s[source] for source in ours.layout["skips"].values()]
+        ours.scalars.copy_(torch.cat([s[n:4 * n], s[4 * n:6 * n], torch.stack(skips)]))
+    return ours, theirs
+
+
+def public_in_float64(public):
+    """The record's Newton-Schulz function with float64 instead of bf16: its exact arithmetic."""
+    code = Path(public.__file__).read_text().split("=" * 100)[0]
+    start = code.index("def zeropower_via_newtonschulz5")
+    end = code.index("\n@", start)
+    if "G.bfloat16()" not in code[start:end]:
+        raise SystemExit("compare_public.py: error: the record's Newton-Schulz has no G.bfloat16(): not the script "
+                         "this comparison was written for (the 2025-09-11 GPT-2 Medium record)")
+    namespace = dict(torch=torch, Tensor=torch.Tensor)
+    exec(code[start:end].replace("G.bfloat16()", "G.double()"), namespace)
+    return namespace["zeropower_via_newtonschulz5"]
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def kv_blocks(mask):
+    """Per query block: the sorted partial and full kv blocks a block mask attends to."""
+    rows = []
+    for counts, indices in [(mask.kv_num_blocks, mask.kv_indices), (mask.full_kv_num_blocks, mask.full_kv_indices)]:
+        counts = counts[0, 0].clamp_min(0)
+        rows.append([sorted(indices[0, 0, r, :counts[r]].tolist()) for r in range(counts.numel())])
+    return rows
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("record_log")
+    parser.add_argument("--seq_len", type=int, default=2048, help="tokens (a multiple of 128)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3, 4, 8], help="long windows, in blocks")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.record_log):
+        parser.error(f"no file {args.record_log}: fetch the record's log first (records/gpu/README.md)")
+    if args.seq_len % 128:
+        parser.error("--seq_len must be a multiple of 128 (FlexAttention's block)")
+    torch.manual_seed(args.seed)
+    public = load_public(args.record_log)
+    ours, theirs = same_weights(public, args.seq_len)
+    tokens = torch.randint(0, VOCAB, (args.seq_len + 1,))
+    tokens[torch.randint(0, args.seq_len, (args.seq_len // 100,))] = 50256  # about 20 documents per 2048 tokens
+    tokens[0] = 50256
+    inputs, targets = tokens[:-1], tokens[1:]
+    failed = False
+    for window in args.windows:
+        blocks = torch.tensor(window, dtype=torch.int32)
+        masks_equal = all(kv_blocks(a) == kv_blocks(b) for a, b in zip(
+            tg.make_block_masks(inputs, 50256, 128, blocks), theirs.create_blockmasks(inputs.int(), blocks)))
+        with torch.no_grad():
+            loss_ours = ours(inputs, targets, blocks).item()
+            loss_theirs = theirs(inputs.int(), targets, blocks).item()
+        ok = masks_equal and abs(loss_ours - loss_theirs) < 1e-5
+        failed |= not ok
+        print(f"window {window} blocks: block masks {'equal' if masks_equal else 'DIFFER'}; loss ours {loss_ours:.6f}, "
+              f"record {loss_theirs:.6f}, difference {abs(loss_ours - loss_theirs):.1e} {'ok' if ok else 'DIFFERS'}")
+
+    # Muon. The record computes (c * A) @ A where train_gpt.py computes c * (A @ A^T) with its X @ X^T kernel: the
+    # same math, other bf16 roundings, so the two are compared by their distance from the record's own iteration in
+    # float64 (exact arithmetic): ours must be no further from it than twice the record's own bf16 result.
+    exact_ns = public_in_float64(public)
+    for shape, wd_mul in [((4096, 1024), 2.0), ((3, 1024, 1024), 1.0)]:
+        grad = torch.randn(shape)
+        exact = exact_ns(grad)
+        ours_ns, theirs_ns = tg.newton_schulz(grad).double(), public.zeropower_via_newtonschulz5(grad).double()
+        err_ours, err_theirs = relative(ours_ns, exact), relative(theirs_ns, exact)
+        weight = (torch.randn(shape) * 0.02).bfloat16()
+        w_ours, w_theirs = weight.clone(), weight.clone()
+        buf_ours, buf_theirs = torch.zeros(shape), torch.zeros(shape)
+        low_ours, low_theirs = torch.zeros(shape, dtype=torch.int16), torch.zeros(shape, dtype=torch.uint16)
+        lr_mul = max(1, shape[-2] / shape[-1]) ** 0.5
+        for lr, momentum in [(0.025, 0.85), (0.02, 0.9), (0.01, 0.95)]:
+            grad = (torch.randn(shape) * 1e-3).bfloat16()
+            tg.muon_update(w_ours, grad, buf_ours, low_ours, torch.tensor([momentum, lr]), lr_mul, 0.01 * wd_mul)
+            public.update.__wrapped__(w_theirs.view(torch.uint16), low_theirs, buf_theirs, grad, torch.tensor(momentum),
+                                      torch.tensor(lr * lr_mul), torch.tensor(lr * 0.01 * wd_mul))
+        master_theirs = tg.join_master(w_theirs, low_theirs.view(torch.int16))
+        apart = relative(tg.join_master(w_ours, low_ours) - weight.float(), master_theirs - weight.float())
+        ok = err_ours <= 2 * err_theirs and apart <= 2 * err_theirs
+        failed |= not ok
+        print(f"Muon {tuple(shape)}: Newton-Schulz from exact arithmetic: ours {err_ours:.1e}, record {err_theirs:.1e}; "
+              f"3 updates apart by {apart:.1e} of their size {'ok' if ok else 'DIFFER'}")
+    print("same as the record" if not failed else "DIFFERENT from the record")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
