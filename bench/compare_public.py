@@ -9,7 +9,9 @@ the rest of this fp32 comparison, and int32 instead of uint32 in the bit arithme
 same bits). Both models get the same random non-zero weights (the zero-initialised ones too). Its attention is
 replaced by train_gpt.py's CPU attention, which honours the block mask's kv-block counts as FlexAttention's kernel
 does (eager FlexAttention on a CPU applies only the mask function, so the sliding window would be ignored), and
-the block masks themselves are compared block by block. Prints one line per check; exit 1 when one differs.
+the block masks themselves are compared block by block. Then the gradients of every weight, the learning-rate and
+window schedules over the record's steps, and Newton-Schulz and the Muon update. Prints one line per check; exit 1
+when one differs.
 """
 
 import argparse
@@ -82,17 +84,43 @@ def same_weights(public, seq_len):
     return ours, theirs
 
 
+def function_text(public, name):
+    """The source of one top-level function of the record script, up to its next top-level line."""
+    code = Path(public.__file__).read_text().split("=" * 100)[0]
+    start = code.index(f"\ndef {name}(") + 1
+    lines = code[start:].split("\n")
+    end = next(i for i, line in enumerate(lines[1:], 1) if line and not line[0].isspace() and line[0] != ")")
+    return "\n".join(lines[:end])
+
+
 def public_in_float64(public):
     """The record's Newton-Schulz function with float64 instead of bf16: its exact arithmetic."""
-    code = Path(public.__file__).read_text().split("=" * 100)[0]
-    start = code.index("def zeropower_via_newtonschulz5")
-    end = code.index("\n@", start)
-    if "G.bfloat16()" not in code[start:end]:
+    text = function_text(public, "zeropower_via_newtonschulz5")
+    if "G.bfloat16()" not in text:
         raise SystemExit("compare_public.py: error: the record's Newton-Schulz has no G.bfloat16(): not the script "
                          "this comparison was written for (the 2025-09-11 GPT-2 Medium record)")
     namespace = dict(torch=torch, Tensor=torch.Tensor)
-    exec(code[start:end].replace("G.bfloat16()", "G.double()"), namespace)
+    exec(text.replace("G.bfloat16()", "G.double()"), namespace)
     return namespace["zeropower_via_newtonschulz5"]
+
+
+def gradient_pairs(ours, theirs):
+    """(name, our gradient, the record's) for every weight of the record's model."""
+    n = len(ours.blocks)
+    yield "embed1", ours.embed1.weight.grad[:VOCAB], theirs.embed1.weight.grad
+    yield "embed2", ours.embed2.weight.grad[:VOCAB], theirs.embed2.weight.grad
+    for i, (a, b) in enumerate(zip(ours.value_embeds, theirs.value_embeds)):
+        yield f"value_embeds.{i}", a.weight.grad[:VOCAB], b.weight.grad
+    yield "head", ours.head.weight.grad, theirs.lm_head_w.grad
+    for i, (a, b) in enumerate(zip(ours.blocks, theirs.blocks)):
+        if a.attn is not None:
+            yield f"blocks.{i}.qkv", a.attn.qkv_weight.grad, b.attn.qkvo_w.grad[:3]
+            yield f"blocks.{i}.attn_out", a.attn.proj.weight.grad, b.attn.qkvo_w.grad[3]
+        yield f"blocks.{i}.mlp_fc", a.mlp.fc.weight.grad, b.mlp.fc_w.grad
+        yield f"blocks.{i}.mlp_proj", a.mlp.proj.weight.grad, b.mlp.proj_w.grad
+    g = theirs.scalars.grad
+    skips = torch.stack([g[source] for source in ours.layout["skips"].values()])
+    yield "scalars", ours.scalars.grad, torch.cat([g[n:4 * n], g[4 * n:6 * n], skips])
 
 
 def relative(a, b):
@@ -138,6 +166,30 @@ def main(argv):
         failed |= not ok
         print(f"window {window} blocks: block masks {'equal' if masks_equal else 'DIFFER'}; loss ours {loss_ours:.6f}, "
               f"record {loss_theirs:.6f}, difference {abs(loss_ours - loss_theirs):.1e} {'ok' if ok else 'DIFFERS'}")
+
+    # Gradients of every weight (the last window), ours through the fused cross-entropy's own backward.
+    blocks = torch.tensor(args.windows[-1], dtype=torch.int32)
+    ours(inputs, targets, blocks).backward()
+    theirs(inputs.int(), targets, blocks).backward()
+    worst, where = max((relative(a, b), name) for name, a, b in gradient_pairs(ours, theirs))
+    ok = worst < 1e-4
+    failed |= not ok
+    print(f"gradients (window {args.windows[-1]} blocks): largest relative difference {worst:.1e} ({where}) "
+          f"{'ok' if ok else 'DIFFER'}")
+
+    # Schedules over the record's 5690 steps: learning rate and the long attention window.
+    hp = tg.Hyperparameters()
+    schedules = dict(args=types.SimpleNamespace(num_iterations=hp.num_iterations, cooldown_frac=hp.cooldown_frac),
+                     next_multiple_of_n=public.next_multiple_of_n,
+                     get_window_size_blocks_helper=lambda window_size: window_size // 128)  # no device tensor here
+    for name in ["get_lr", "get_window_size_blocks"]:  # defined in its main part, which does not run here
+        exec(function_text(public, name), schedules)
+    steps = range(hp.num_iterations)
+    lr_same = all(abs(tg.lr_factor(step, hp) - schedules['get_lr'](step)) < 1e-12 for step in steps)
+    window_same = all(tg.window_blocks(step, hp) == schedules['get_window_size_blocks'](step) for step in steps)
+    failed |= not (lr_same and window_same)
+    print(f"schedules over {hp.num_iterations} steps: learning rate {'same' if lr_same else 'DIFFERS'}, "
+          f"long window {'same' if window_same else 'DIFFERS'}")
 
     # Muon. The record computes (c * A) @ A where train_gpt.py computes c * (A @ A^T) with its X @ X^T kernel: the
     # same math, other bf16 roundings, so the two are compared by their distance from the record's own iteration in
