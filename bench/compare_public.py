@@ -9,25 +9,32 @@ the rest of this fp32 comparison, and int32 instead of uint32 in the bit arithme
 same bits). Both models get the same random non-zero weights (the zero-initialised ones too). Its attention is
 replaced by train_gpt.py's CPU attention, which honours the block mask's kv-block counts as FlexAttention's kernel
 does (eager FlexAttention on a CPU applies only the mask function, so the sliding window would be ignored), and
-the block masks themselves are compared block by block. Then the gradients of every weight, the learning-rate and
-window schedules over the record's steps, and Newton-Schulz and the Muon update. Prints one line per check; exit 1
+the block masks themselves are compared block by block. Then the data streams (the record's loader on 8 ranks
+against ours with 8 micro-steps), the gradients of every weight, the learning-rate and window schedules over the
+record's steps, and Newton-Schulz and the Muon update. Prints one line per check; exit 1
 when one differs.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from data.fineweb import write_shard  # noqa: E402
 
 CHANGES = [  # (the record's text, what runs here, why) : run-time changes that keep the math
     ('torch.empty(1, device="cuda", requires_grad=True).backward()', "pass", "no GPU here"),
-    ('device="cuda"', "device=input_seq.device", "masks on the input's device"),
+    ('torch.arange(NUM_BLOCKS, dtype=torch.int32, device="cuda")',
+     "torch.arange(NUM_BLOCKS, dtype=torch.int32, device=input_seq.device)", "masks on the input's device"),
+    ('.to(device="cuda"', '.to(device="cpu"', "batches stay on the CPU"),
+    ("pin_memory=True", "pin_memory=False", "no GPU to pin memory for"),
     ("self.lm_head_w.bfloat16()", "self.lm_head_w", "fp32 comparison"),
     ("torch.uint32", "torch.int32", "CPU has no uint32 shifts; the same bits"),
 ]
@@ -123,6 +130,42 @@ def gradient_pairs(ours, theirs):
     yield "scalars", ours.scalars.grad, torch.cat([g[n:4 * n], g[4 * n:6 * n], skips])
 
 
+def same_data_streams(public, seq_len=1024, ranks=8):
+    """The record's loader on 8 ranks against ours on one process with 8 micro-steps, over three small shards
+    (whole steps only, as the record): the same sequences in the same order, training and validation."""
+    step = ranks * seq_len
+    sizes = [2 * step + 5000, 3 * step + 777, step + 300]  # not k * step + 1, where the two rules part (FineWeb's 1e8 is not)
+    rng = np.random.default_rng(0)
+    old_dir = os.getcwd()
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)  # the record's loader globs relative to the working directory
+        try:
+            for i, size in enumerate(sizes, start=1):
+                write_shard(f"fineweb_train_{i:06d}.bin", rng.integers(0, VOCAB, size))
+            write_shard("fineweb_val_000000.bin", rng.integers(0, VOCAB, 5 * step + 9))
+            hp = tg.Hyperparameters(micro_batch_tokens=seq_len, micro_batches_per_step=ranks, val_seq_len=seq_len,
+                                    val_tokens=4 * step)
+            ours = list(tg.train_batches(sorted(Path(".").glob("fineweb_train_*.bin")), hp, 0, 1, torch.device("cpu")))
+            theirs = [public.distributed_data_generator("fineweb_train_*.bin", step, rank, ranks) for rank in range(ranks)]
+            record = []
+            try:
+                while True:
+                    record.extend(next(loader) for loader in theirs)
+            except (StopIteration, RuntimeError):  # its generator ends when the shards do
+                pass
+            train_same = len(ours) == len(record) and all(
+                torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, record))
+            val_ours = tg.load_val_tokens(["fineweb_val_000000.bin"], hp)
+            ours_val = [tg.to_device(chunk, torch.device("cpu"))[0]
+                        for chunk in tg.rank_sequences(val_ours, seq_len, 1, 0, 1)]
+            theirs_val = [public.distributed_data_generator("fineweb_val_*.bin", step, rank, ranks) for rank in range(ranks)]
+            record_val = [next(loader)[0] for _ in range(hp.val_tokens // step) for loader in theirs_val]
+            val_same = len(ours_val) == len(record_val) and all(map(torch.equal, ours_val, record_val))
+        finally:
+            os.chdir(old_dir)
+    return train_same, val_same, len(ours) // ranks
+
+
 def relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -166,6 +209,11 @@ def main(argv):
         failed |= not ok
         print(f"window {window} blocks: block masks {'equal' if masks_equal else 'DIFFER'}; loss ours {loss_ours:.6f}, "
               f"record {loss_theirs:.6f}, difference {abs(loss_ours - loss_theirs):.1e} {'ok' if ok else 'DIFFERS'}")
+
+    train_same, val_same, steps = same_data_streams(public)
+    failed |= not (train_same and val_same)
+    print(f"data: {steps} training steps over 3 shards {'the same' if train_same else 'DIFFER'} (8 ranks against 8 "
+          f"micro-steps), validation sequences {'the same' if val_same else 'DIFFER'}")
 
     # Gradients of every weight (the last window), ours through the fused cross-entropy's own backward.
     blocks = torch.tensor(args.windows[-1], dtype=torch.int32)
