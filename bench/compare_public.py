@@ -188,8 +188,10 @@ def main(argv):
     args = parser.parse_args(argv)
     if not os.path.isfile(args.record_log):
         parser.error(f"no file {args.record_log}: fetch the record's log first (records/gpu/README.md)")
-    if args.seq_len % 128:
-        parser.error("--seq_len must be a multiple of 128 (FlexAttention's block)")
+    if args.seq_len % 128 or args.seq_len <= 0:
+        parser.error("--seq_len must be a positive multiple of 128 (FlexAttention's block)")
+    if min(args.windows) < 1:
+        parser.error("--windows are long windows in blocks of 128 tokens: 1 or more")
     torch.manual_seed(args.seed)
     public = load_public(args.record_log)
     ours, theirs = same_weights(public, args.seq_len)
