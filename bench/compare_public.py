@@ -16,6 +16,7 @@ when one differs.
 """
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
@@ -41,7 +43,8 @@ CHANGES = [  # (the record's text, what runs here, why) : run-time changes that 
 VOCAB = 50257  # the record's embedding rows (its head and train_gpt.py's tables are padded to 50304)
 
 
-def load_public(record_log):
+def load_public(record_log, fp32_head=True):
+    """The record script's code before its main part, with CHANGES (the head's bf16 cast kept when not fp32_head)."""
     text = Path(record_log).read_text()
     script = text.split("=" * 100)[0]
     if "class GPT(" not in script or "# int main" not in script:
@@ -49,6 +52,8 @@ def load_public(record_log):
                          " or '# int main' line): pass the GPT-2 Medium record's log (records/gpu/README.md)")
     code = script[:script.index("# int main")]
     for old, new, _ in CHANGES:
+        if new == "self.lm_head_w" and not fp32_head:
+            continue
         if old not in code:
             raise SystemExit(f"compare_public.py: error: the record script has no {old!r}: not the script this "
                              "comparison was written for (the 2025-09-11 GPT-2 Medium record)")
@@ -69,26 +74,31 @@ def same_weights(public, seq_len):
     """The record's GPT and train_gpt.py's, in fp32, with the same random non-zero weights."""
     theirs = public.GPT(vocab_size=VOCAB, num_layers=16, num_heads=8, model_dim=1024, max_seq_len=seq_len).float()
     ours = tg.build_model(tg.Hyperparameters(micro_batch_tokens=seq_len, val_seq_len=seq_len)).float()
-    n = len(ours.blocks)
     with torch.no_grad():
         for p in theirs.parameters():
             p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else 0.5 + 0.3 * torch.randn_like(p))
-        for a, b in [(ours.embed1, theirs.embed1), (ours.embed2, theirs.embed2),
-                     *zip(ours.value_embeds, theirs.value_embeds)]:
-            a.weight[:VOCAB].copy_(b.weight)
-        ours.head.weight.copy_(theirs.lm_head_w)
-        for a, b in zip(ours.blocks, theirs.blocks):
-            if (a.attn is None) != (b.attn is None):
-                raise SystemExit("compare_public.py: the blocks without attention differ")
-            if a.attn is not None:
-                a.attn.qkv_weight.copy_(b.attn.qkvo_w[:3])
-                a.attn.proj.weight.copy_(b.attn.qkvo_w[3])
-            a.mlp.fc.weight.copy_(b.mlp.fc_w)
-            a.mlp.proj.weight.copy_(b.mlp.proj_w)
-        s = theirs.scalars  # skip weights (n), block lambdas (3n), value-mix lambdas (2n)
-        skips = [s[source] for source in ours.layout["skips"].values()]
-        ours.scalars.copy_(torch.cat([s[n:4 * n], s[4 * n:6 * n], torch.stack(skips)]))
+    copy_weights(theirs, ours)
     return ours, theirs
+
+
+@torch.no_grad()
+def copy_weights(theirs, ours):
+    """The record model's weights into ours (our embedding tables have 47 more rows, never read)."""
+    n = len(ours.blocks)
+    for a, b in [(ours.embed1, theirs.embed1), (ours.embed2, theirs.embed2), *zip(ours.value_embeds, theirs.value_embeds)]:
+        a.weight[:VOCAB].copy_(b.weight)
+    ours.head.weight.copy_(theirs.lm_head_w)
+    for a, b in zip(ours.blocks, theirs.blocks):
+        if (a.attn is None) != (b.attn is None):
+            raise SystemExit("compare_public.py: the blocks without attention differ")
+        if a.attn is not None:
+            a.attn.qkv_weight.copy_(b.attn.qkvo_w[:3])
+            a.attn.proj.weight.copy_(b.attn.qkvo_w[3])
+        a.mlp.fc.weight.copy_(b.mlp.fc_w)
+        a.mlp.proj.weight.copy_(b.mlp.proj_w)
+    s = theirs.scalars  # skip weights (n), block lambdas (3n), value-mix lambdas (2n)
+    skips = [s[source] for source in ours.layout["skips"].values()]
+    ours.scalars.copy_(torch.cat([s[n:4 * n], s[4 * n:6 * n], torch.stack(skips)]))
 
 
 def function_text(public, name):
@@ -166,6 +176,90 @@ def same_data_streams(public, seq_len=1024, ranks=8):
     return train_same, val_same, len(ours) // ranks
 
 
+def schedules_of(public, num_iterations, cooldown_frac):
+    """The record's get_lr and get_window_size_blocks (defined in its main part, which does not run here)."""
+    namespace = dict(args=types.SimpleNamespace(num_iterations=num_iterations, cooldown_frac=cooldown_frac),
+                     next_multiple_of_n=public.next_multiple_of_n,
+                     get_window_size_blocks_helper=lambda window_size: torch.tensor(window_size // 128))
+    for name in ["get_lr", "get_window_size_blocks"]:
+        exec(function_text(public, name), namespace)
+    return namespace["get_lr"], namespace["get_window_size_blocks"]
+
+
+def record_training(public, initial, batches, nudge=False):
+    """The record's training steps as its main part runs them on one rank: its GPT (bf16 blocks and embeddings),
+    AdamW (head 1/320, embeddings 0.3, scalars 0.015, betas 0.8/0.95, eps 1e-10) and Muon (lr 0.025), the
+    schedules, Muon's momentum warm-up over 300 steps. nudge: one embedding weight one bf16 step up first."""
+    model = copy.deepcopy(initial)
+    if nudge:
+        with torch.no_grad():
+            model.embed1.weight[5, 0] = torch.nextafter(model.embed1.weight[5, 0], torch.tensor(1.0, dtype=torch.bfloat16))
+    get_lr, get_window = schedules_of(public, len(batches), tg.Hyperparameters().cooldown_frac)
+    matrices = sorted((p for p in model.blocks.parameters() if p.ndim >= 2), key=lambda p: p.size(), reverse=True)
+    embeds = [model.embed1.weight, model.embed2.weight, *(table.weight for table in model.value_embeds)]
+    adam = torch.optim.AdamW([dict(params=[model.lm_head_w], lr=1 / 320), dict(params=embeds, lr=0.3),
+                              dict(params=[model.scalars], lr=0.015)], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                             fused=True)
+    muon = public.Muon(matrices, lr=0.025, momentum=0.95, rank=0, world_size=1)
+    base_lrs = [[group["lr"] for group in opt.param_groups] for opt in (adam, muon)]
+    losses = []
+    for step, (inputs, targets) in enumerate(batches):
+        loss = model(inputs, targets, get_window(step))
+        loss.backward()
+        for opt, lrs in zip((adam, muon), base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * get_lr(step)
+        for group in muon.param_groups:
+            group["momentum"] = (1 - min(step / 300, 1)) * 0.85 + min(step / 300, 1) * 0.95
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def our_training(initial, batches, hp):
+    model = tg.build_model(hp)
+    copy_weights(initial, model)
+    muon, adam = tg.build_optimizers(model, hp, 0, 1, compiled=False)
+    averager = tg.GradientAverager(model.parameters(), 1)
+    return [tg.train_step(model, iter([batch]), 1, averager, muon, adam, tg.lr_factor(step, hp),
+                          tg.muon_momentum(step, hp), torch.tensor(tg.window_blocks(step, hp), dtype=torch.int32)).item()
+            for step, batch in enumerate(batches)]
+
+
+def same_training(record_log, steps, seq_len=1024):
+    """`steps` training steps of both from the record's initialisation, 16 layers at width 128 (one head of 128),
+    on the same batches, in the record's bf16 arithmetic on this CPU (train_gpt.py's CPU path multiplies bf16 in
+    fp32 and takes fp32 logits; here it uses the CPU's bf16 matmuls and bf16 logits as the record, and as our GPU
+    path). Returns the largest loss difference, and that of the record against itself with one weight nudged."""
+    public = load_public(record_log, fp32_head=False)
+    public.update = public.update.__wrapped__  # its compiled Muon update, run eagerly
+    if not dist.is_initialized():  # its Muon all-gathers, also on one rank
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    initial = public.GPT(vocab_size=VOCAB, num_layers=16, num_heads=1, model_dim=128, max_seq_len=seq_len)
+    for module in initial.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.bfloat16()  # as its main part does
+    batches = []
+    for _ in range(steps):  # a 1000-token vocabulary: something to learn in a few steps
+        tokens = torch.randint(0, 1000, (seq_len + 1,))
+        tokens[::97] = 50256
+        batches.append((tokens[:-1].int(), tokens[1:]))
+    hp = tg.Hyperparameters(num_layers=16, model_dim=128, num_heads=1, head_dim=128, mlp_hidden=512,
+                            micro_batch_tokens=seq_len, micro_batches_per_step=1, val_seq_len=seq_len,
+                            num_iterations=steps)
+    record = record_training(public, initial, batches)
+    nudged = record_training(public, initial, batches, nudge=True)
+    cpu_arithmetic = tg.matmul, tg.ce_compute_dtype
+    tg.matmul, tg.ce_compute_dtype = torch.matmul, lambda x: x.dtype
+    try:
+        ours = our_training(initial, batches, hp)
+    finally:
+        tg.matmul, tg.ce_compute_dtype = cpu_arithmetic
+    return max(abs(a - b) for a, b in zip(ours, record)), max(abs(a - b) for a, b in zip(nudged, record)), record
+
+
 def relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -184,6 +278,7 @@ def main(argv):
     parser.add_argument("record_log")
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens (a multiple of 128)")
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3, 4, 8], help="long windows, in blocks")
+    parser.add_argument("--train_steps", type=int, default=16, help="steps of the training comparison (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.record_log):
@@ -229,14 +324,10 @@ def main(argv):
 
     # Schedules over the record's 5690 steps: learning rate and the long attention window.
     hp = tg.Hyperparameters()
-    schedules = dict(args=types.SimpleNamespace(num_iterations=hp.num_iterations, cooldown_frac=hp.cooldown_frac),
-                     next_multiple_of_n=public.next_multiple_of_n,
-                     get_window_size_blocks_helper=lambda window_size: window_size // 128)  # no device tensor here
-    for name in ["get_lr", "get_window_size_blocks"]:  # defined in its main part, which does not run here
-        exec(function_text(public, name), schedules)
+    get_lr, get_window = schedules_of(public, hp.num_iterations, hp.cooldown_frac)
     steps = range(hp.num_iterations)
-    lr_same = all(abs(tg.lr_factor(step, hp) - schedules['get_lr'](step)) < 1e-12 for step in steps)
-    window_same = all(tg.window_blocks(step, hp) == schedules['get_window_size_blocks'](step) for step in steps)
+    lr_same = all(abs(tg.lr_factor(step, hp) - get_lr(step)) < 1e-12 for step in steps)
+    window_same = all(tg.window_blocks(step, hp) == int(get_window(step)) for step in steps)
     failed |= not (lr_same and window_same)
     print(f"schedules over {hp.num_iterations} steps: learning rate {'same' if lr_same else 'DIFFERS'}, "
           f"long window {'same' if window_same else 'DIFFERS'}")
@@ -266,6 +357,13 @@ def main(argv):
         failed |= not ok
         print(f"Muon {tuple(shape)}: Newton-Schulz from exact arithmetic: ours {err_ours:.1e}, record {err_theirs:.1e}; "
               f"3 updates apart by {apart:.1e} of their size {'ok' if ok else 'DIFFER'}")
+    if args.train_steps > 0:
+        apart, noise, record = same_training(args.record_log, args.train_steps)
+        ok = apart <= 3 * noise + 1e-3
+        failed |= not ok
+        print(f"training, {args.train_steps} steps at width 128 (loss {record[0]:.3f} -> {record[-1]:.3f}): losses at "
+              f"most {apart:.0e} apart; the record against itself with one weight one bf16 step off: {noise:.0e} "
+              f"{'ok' if ok else 'DIFFER'}")
     print("same as the record" if not failed else "DIFFERENT from the record")
     return 1 if failed else 0
 
