@@ -235,7 +235,8 @@ def same_training(record_log, steps, seq_len=1024):
     path). Returns the largest loss difference, and that of the record against itself with one weight nudged."""
     public = load_public(record_log, fp32_head=False)
     public.update = public.update.__wrapped__  # its compiled Muon update, run eagerly
-    if not dist.is_initialized():  # its Muon all-gathers, also on one rank
+    own_group = not dist.is_initialized()
+    if own_group:  # its Muon all-gathers, also on one rank
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     initial = public.GPT(vocab_size=VOCAB, num_layers=16, num_heads=1, model_dim=128, max_seq_len=seq_len)
     for module in initial.modules():
@@ -249,14 +250,16 @@ def same_training(record_log, steps, seq_len=1024):
     hp = tg.Hyperparameters(num_layers=16, model_dim=128, num_heads=1, head_dim=128, mlp_hidden=512,
                             micro_batch_tokens=seq_len, micro_batches_per_step=1, val_seq_len=seq_len,
                             num_iterations=steps)
-    record = record_training(public, initial, batches)
-    nudged = record_training(public, initial, batches, nudge=True)
     cpu_arithmetic = tg.matmul, tg.ce_compute_dtype
-    tg.matmul, tg.ce_compute_dtype = torch.matmul, lambda x: x.dtype
     try:
+        record = record_training(public, initial, batches)
+        nudged = record_training(public, initial, batches, nudge=True)
+        tg.matmul, tg.ce_compute_dtype = torch.matmul, lambda x: x.dtype
         ours = our_training(initial, batches, hp)
     finally:
         tg.matmul, tg.ce_compute_dtype = cpu_arithmetic
+        if own_group:
+            dist.destroy_process_group()
     return max(abs(a - b) for a, b in zip(ours, record)), max(abs(a - b) for a, b in zip(nudged, record)), record
 
 
