@@ -1,19 +1,15 @@
-"""train_gpt.py's model and Muon step against the public record script's, on the CPU (no GPU needed).
+"""train_gpt.py against the public record script, on the CPU (no GPU needed): model, block masks, data order,
+gradients, schedules, Newton-Schulz and the Muon update, and a few training steps.
 
-    python bench/compare_public.py RECORD_LOG [--seq_len 2048] [--windows 1 2 3 4 8]
+    python bench/compare_public.py RECORD_LOG [--seq_len 2048] [--windows 1 2 3 4 8] [--train_steps 16]
 
 RECORD_LOG is the public GPT-2 Medium record's log (its first part is the script; records/gpu/README.md says where
-it comes from). Its model and Muon code are read from the log and run here, never copied into the repository, with
-three run-time changes that keep the math: tensors on the input's device instead of "cuda", the head in fp32 like
-the rest of this fp32 comparison, and int32 instead of uint32 in the bit arithmetic (no uint32 shifts on CPU; the
-same bits). Both models get the same random non-zero weights (the zero-initialised ones too). Its attention is
-replaced by train_gpt.py's CPU attention, which honours the block mask's kv-block counts as FlexAttention's kernel
-does (eager FlexAttention on a CPU applies only the mask function, so the sliding window would be ignored), and
-the block masks themselves are compared block by block. Then the data streams (the record's loader on 8 ranks
-against ours with 8 micro-steps), the gradients of every weight, the learning-rate and window schedules over the
-record's steps, and Newton-Schulz and the Muon update. Prints one line per check; exit 1
-when one differs.
-"""
+it comes from). Its code is read from the log and run here, never copied into the repository, with the run-time
+changes in CHANGES, which keep the math. Both models get the same random non-zero weights (the zero-initialised
+ones too) and run in fp32. The record's attention is train_gpt.py's CPU attention, which honours the block mask's
+kv-block counts as FlexAttention's kernel does (eager FlexAttention on a CPU applies only the mask function, so
+the sliding window would be ignored), and the block masks themselves are compared block by block. Prints one line
+per check; exit 1 when one differs."""
 
 import argparse
 import copy
@@ -276,6 +272,92 @@ def kv_blocks(mask):
     return rows
 
 
+def check_forward(ours, theirs, inputs, targets, windows):
+    ok = True
+    for window in windows:
+        blocks = torch.tensor(window, dtype=torch.int32)
+        masks_equal = all(kv_blocks(a) == kv_blocks(b) for a, b in zip(
+            tg.make_block_masks(inputs, 50256, 128, blocks), theirs.create_blockmasks(inputs.int(), blocks)))
+        with torch.no_grad():
+            loss_ours = ours(inputs, targets, blocks).item()
+            loss_theirs = theirs(inputs.int(), targets, blocks).item()
+        same = masks_equal and abs(loss_ours - loss_theirs) < 1e-5
+        ok &= same
+        print(f"window {window} blocks: block masks {'equal' if masks_equal else 'DIFFER'}; loss ours {loss_ours:.6f}, "
+              f"record {loss_theirs:.6f}, difference {abs(loss_ours - loss_theirs):.1e} {'ok' if same else 'DIFFERS'}")
+    return ok
+
+
+def check_data(public):
+    train_same, val_same, steps = same_data_streams(public)
+    print(f"data: {steps} training steps over 3 shards {'the same' if train_same else 'DIFFER'} (8 ranks against 8 "
+          f"micro-steps), validation sequences {'the same' if val_same else 'DIFFER'}")
+    return train_same and val_same
+
+
+def check_gradients(ours, theirs, inputs, targets, window):
+    """Gradients of every weight, ours through the fused cross-entropy's own backward."""
+    blocks = torch.tensor(window, dtype=torch.int32)
+    ours(inputs, targets, blocks).backward()
+    theirs(inputs.int(), targets, blocks).backward()
+    worst, where = max((relative(a, b), name) for name, a, b in gradient_pairs(ours, theirs))
+    ok = worst < 1e-4
+    print(f"gradients (window {window} blocks): largest relative difference {worst:.1e} ({where}) "
+          f"{'ok' if ok else 'DIFFER'}")
+    return ok
+
+
+def check_schedules(public):
+    """Learning rate and long attention window at each of the record's 5690 steps."""
+    hp = tg.Hyperparameters()
+    get_lr, get_window = schedules_of(public, hp.num_iterations, hp.cooldown_frac)
+    steps = range(hp.num_iterations)
+    lr_same = all(abs(tg.lr_factor(step, hp) - get_lr(step)) < 1e-12 for step in steps)
+    window_same = all(tg.window_blocks(step, hp) == int(get_window(step)) for step in steps)
+    print(f"schedules over {hp.num_iterations} steps: learning rate {'same' if lr_same else 'DIFFERS'}, "
+          f"long window {'same' if window_same else 'DIFFERS'}")
+    return lr_same and window_same
+
+
+def check_muon(public):
+    """The record computes (c * A) @ A where train_gpt.py computes c * (A @ A^T) with its X @ X^T kernel: the same
+    math, other bf16 roundings, so the two are compared by their distance from the record's own iteration in float64
+    (exact arithmetic): ours must be no further from it than twice the record's own bf16 result."""
+    exact_ns = public_in_float64(public)
+    ok = True
+    for shape, wd_mul in [((4096, 1024), 2.0), ((3, 1024, 1024), 1.0)]:
+        grad = torch.randn(shape)
+        exact = exact_ns(grad)
+        ours_ns, theirs_ns = tg.newton_schulz(grad).double(), public.zeropower_via_newtonschulz5(grad).double()
+        err_ours, err_theirs = relative(ours_ns, exact), relative(theirs_ns, exact)
+        weight = (torch.randn(shape) * 0.02).bfloat16()
+        w_ours, w_theirs = weight.clone(), weight.clone()
+        buf_ours, buf_theirs = torch.zeros(shape), torch.zeros(shape)
+        low_ours, low_theirs = torch.zeros(shape, dtype=torch.int16), torch.zeros(shape, dtype=torch.uint16)
+        lr_mul = max(1, shape[-2] / shape[-1]) ** 0.5
+        for lr, momentum in [(0.025, 0.85), (0.02, 0.9), (0.01, 0.95)]:
+            grad = (torch.randn(shape) * 1e-3).bfloat16()
+            tg.muon_update(w_ours, grad, buf_ours, low_ours, torch.tensor([momentum, lr]), lr_mul, 0.01 * wd_mul)
+            public.update.__wrapped__(w_theirs.view(torch.uint16), low_theirs, buf_theirs, grad, torch.tensor(momentum),
+                                      torch.tensor(lr * lr_mul), torch.tensor(lr * 0.01 * wd_mul))
+        master_theirs = tg.join_master(w_theirs, low_theirs.view(torch.int16))
+        apart = relative(tg.join_master(w_ours, low_ours) - weight.float(), master_theirs - weight.float())
+        same = err_ours <= 2 * err_theirs and apart <= 2 * err_theirs
+        ok &= same
+        print(f"Muon {tuple(shape)}: Newton-Schulz from exact arithmetic: ours {err_ours:.1e}, record {err_theirs:.1e}; "
+              f"3 updates apart by {apart:.1e} of their size {'ok' if same else 'DIFFER'}")
+    return ok
+
+
+def check_training(record_log, steps):
+    apart, noise, record = same_training(record_log, steps)
+    ok = apart <= 3 * noise + 1e-3
+    print(f"training, {steps} steps at width 128 (loss {record[0]:.3f} -> {record[-1]:.3f}): losses at most "
+          f"{apart:.0e} apart; the record against itself with one weight one bf16 step off: {noise:.0e} "
+          f"{'ok' if ok else 'DIFFER'}")
+    return ok
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("record_log")
@@ -297,76 +379,12 @@ def main(argv):
     tokens[torch.randint(0, args.seq_len, (args.seq_len // 100,))] = 50256  # about 20 documents per 2048 tokens
     tokens[0] = 50256
     inputs, targets = tokens[:-1], tokens[1:]
-    failed = False
-    for window in args.windows:
-        blocks = torch.tensor(window, dtype=torch.int32)
-        masks_equal = all(kv_blocks(a) == kv_blocks(b) for a, b in zip(
-            tg.make_block_masks(inputs, 50256, 128, blocks), theirs.create_blockmasks(inputs.int(), blocks)))
-        with torch.no_grad():
-            loss_ours = ours(inputs, targets, blocks).item()
-            loss_theirs = theirs(inputs.int(), targets, blocks).item()
-        ok = masks_equal and abs(loss_ours - loss_theirs) < 1e-5
-        failed |= not ok
-        print(f"window {window} blocks: block masks {'equal' if masks_equal else 'DIFFER'}; loss ours {loss_ours:.6f}, "
-              f"record {loss_theirs:.6f}, difference {abs(loss_ours - loss_theirs):.1e} {'ok' if ok else 'DIFFERS'}")
-
-    train_same, val_same, steps = same_data_streams(public)
-    failed |= not (train_same and val_same)
-    print(f"data: {steps} training steps over 3 shards {'the same' if train_same else 'DIFFER'} (8 ranks against 8 "
-          f"micro-steps), validation sequences {'the same' if val_same else 'DIFFER'}")
-
-    # Gradients of every weight (the last window), ours through the fused cross-entropy's own backward.
-    blocks = torch.tensor(args.windows[-1], dtype=torch.int32)
-    ours(inputs, targets, blocks).backward()
-    theirs(inputs.int(), targets, blocks).backward()
-    worst, where = max((relative(a, b), name) for name, a, b in gradient_pairs(ours, theirs))
-    ok = worst < 1e-4
-    failed |= not ok
-    print(f"gradients (window {args.windows[-1]} blocks): largest relative difference {worst:.1e} ({where}) "
-          f"{'ok' if ok else 'DIFFER'}")
-
-    # Schedules over the record's 5690 steps: learning rate and the long attention window.
-    hp = tg.Hyperparameters()
-    get_lr, get_window = schedules_of(public, hp.num_iterations, hp.cooldown_frac)
-    steps = range(hp.num_iterations)
-    lr_same = all(abs(tg.lr_factor(step, hp) - get_lr(step)) < 1e-12 for step in steps)
-    window_same = all(tg.window_blocks(step, hp) == int(get_window(step)) for step in steps)
-    failed |= not (lr_same and window_same)
-    print(f"schedules over {hp.num_iterations} steps: learning rate {'same' if lr_same else 'DIFFERS'}, "
-          f"long window {'same' if window_same else 'DIFFERS'}")
-
-    # Muon. The record computes (c * A) @ A where train_gpt.py computes c * (A @ A^T) with its X @ X^T kernel: the
-    # same math, other bf16 roundings, so the two are compared by their distance from the record's own iteration in
-    # float64 (exact arithmetic): ours must be no further from it than twice the record's own bf16 result.
-    exact_ns = public_in_float64(public)
-    for shape, wd_mul in [((4096, 1024), 2.0), ((3, 1024, 1024), 1.0)]:
-        grad = torch.randn(shape)
-        exact = exact_ns(grad)
-        ours_ns, theirs_ns = tg.newton_schulz(grad).double(), public.zeropower_via_newtonschulz5(grad).double()
-        err_ours, err_theirs = relative(ours_ns, exact), relative(theirs_ns, exact)
-        weight = (torch.randn(shape) * 0.02).bfloat16()
-        w_ours, w_theirs = weight.clone(), weight.clone()
-        buf_ours, buf_theirs = torch.zeros(shape), torch.zeros(shape)
-        low_ours, low_theirs = torch.zeros(shape, dtype=torch.int16), torch.zeros(shape, dtype=torch.uint16)
-        lr_mul = max(1, shape[-2] / shape[-1]) ** 0.5
-        for lr, momentum in [(0.025, 0.85), (0.02, 0.9), (0.01, 0.95)]:
-            grad = (torch.randn(shape) * 1e-3).bfloat16()
-            tg.muon_update(w_ours, grad, buf_ours, low_ours, torch.tensor([momentum, lr]), lr_mul, 0.01 * wd_mul)
-            public.update.__wrapped__(w_theirs.view(torch.uint16), low_theirs, buf_theirs, grad, torch.tensor(momentum),
-                                      torch.tensor(lr * lr_mul), torch.tensor(lr * 0.01 * wd_mul))
-        master_theirs = tg.join_master(w_theirs, low_theirs.view(torch.int16))
-        apart = relative(tg.join_master(w_ours, low_ours) - weight.float(), master_theirs - weight.float())
-        ok = err_ours <= 2 * err_theirs and apart <= 2 * err_theirs
-        failed |= not ok
-        print(f"Muon {tuple(shape)}: Newton-Schulz from exact arithmetic: ours {err_ours:.1e}, record {err_theirs:.1e}; "
-              f"3 updates apart by {apart:.1e} of their size {'ok' if ok else 'DIFFER'}")
+    checks = [check_forward(ours, theirs, inputs, targets, args.windows), check_data(public),
+              check_gradients(ours, theirs, inputs, targets, args.windows[-1]), check_schedules(public),
+              check_muon(public)]
     if args.train_steps > 0:
-        apart, noise, record = same_training(args.record_log, args.train_steps)
-        ok = apart <= 3 * noise + 1e-3
-        failed |= not ok
-        print(f"training, {args.train_steps} steps at width 128 (loss {record[0]:.3f} -> {record[-1]:.3f}): losses at "
-              f"most {apart:.0e} apart; the record against itself with one weight one bf16 step off: {noise:.0e} "
-              f"{'ok' if ok else 'DIFFER'}")
+        checks.append(check_training(args.record_log, args.train_steps))
+    failed = not all(checks)
     print("same as the record" if not failed else "DIFFERENT from the record")
     return 1 if failed else 0
 
