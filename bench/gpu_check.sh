@@ -210,11 +210,11 @@ part_public() {
 }
 
 # Every PROGRESS_SECONDS, the newest line of the logs in folder $1 with the seconds since the start, into $2
-# when it changed.
+# when it changed; it ends with the check ($$), also when the check stops on an error before killing it.
 note_progress() {
     local start=$SECONDS last="" line
     : > "$2"
-    while sleep "${PROGRESS_SECONDS:-5}"; do
+    while kill -0 $$ 2>/dev/null && sleep "${PROGRESS_SECONDS:-5}"; do
         line="$(tail -q -n 1 "$1"/*.txt 2>/dev/null | tail -n 1)"
         [[ -n "$line" && "$line" != "$last" ]] && echo "$((SECONDS - start)) s: $line" >> "$2"
         last="$line"

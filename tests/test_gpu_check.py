@@ -240,6 +240,17 @@ def test_a_busy_gpu_stops_the_check_before_a_timed_part(check):
     assert [line for line in check.lines() if "train_gpt.py" in line] == []
 
 
+def test_a_public_part_refused_on_a_busy_gpu_leaves_no_progress_watcher(check, tmp_path):
+    log = tmp_path / "record_log.txt"
+    log.write_text("assert world_size == 8\n" + "=" * 100 + "\n")
+    result = check.run("public", RECORD_LOG=str(log), GPU_PROCESSES="4242, python3, 57650 MiB\n", GPU_IDLE_WAIT="1",
+                       PROGRESS_SECONDS="0.2")
+    assert result.returncode == 1 and "another process is using the GPU" in result.stderr
+    time.sleep(1)  # a few of its periods
+    still = subprocess.run(["pgrep", "-f", str(check.root / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert still.stdout == "", "the progress watcher outlived the check"
+
+
 def test_a_part_past_its_time_limit_is_stopped_with_its_processes(check):
     start = time.monotonic()
     result = check.run("gpt", PART_SECONDS="2", FAKE_SLEEP="40")
