@@ -178,18 +178,34 @@ def parse_args(argv):
 
 def check_config(args, world_size):
     """Impossible configurations end here, before any process group or data is touched."""
-    problems = []
+    bounds = [  # checked first: the rules below divide by some of these
+        ((">= 1", lambda v: v >= 1), ("micro_batch_tokens", "micro_batches_per_step", "val_seq_len", "val_tokens",
+         "vocab_size", "model_dim", "num_heads", "head_dim", "mlp_hidden", "attn_block_size", "max_window_tokens",
+         "num_iterations", "ce_chunk_rows")),
+        ((">= 0", lambda v: v >= 0), ("num_value_embeds", "warmup_steps", "stop_after_steps", "val_every",
+         "muon_momentum_warmup_steps", "muon_lr", "muon_weight_decay", "head_lr", "embed_lr", "scalar_lr")),
+        (("> 0", lambda v: v > 0), ("logit_cap", "attn_scale", "rope_min_freq", "adam_eps")),
+        (("in [0, 1]", lambda v: 0 <= v <= 1), ("cooldown_frac",)),
+        (("in [0, 1)", lambda v: 0 <= v < 1), ("adam_beta1", "adam_beta2", "muon_momentum_start", "muon_momentum_end")),
+    ]
+    problems = [f"{name}={getattr(args, name)} must be {rule}"
+                for (rule, holds), names in bounds for name in names if not holds(getattr(args, name))]
+    if os.sep in args.run_name or (os.altsep and os.altsep in args.run_name):
+        problems.append(f"run_name={args.run_name!r} names a file in log_dir and cannot hold a path separator: "
+                        "put folders into --log_dir")
+    if problems:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     if args.micro_batches_per_step % world_size != 0:
         counts = [n for n in range(1, args.micro_batches_per_step + 1) if args.micro_batches_per_step % n == 0]
         suggestion = max(n for n in counts if n <= world_size)
         problems.append(f"world size {world_size} does not divide micro_batches_per_step={args.micro_batches_per_step}: "
                         f"the valid process counts are {', '.join(map(str, counts))}; "
-                        f"e.g. torchrun --standalone --nproc_per_node={suggestion} train_gpt.py")
+                        f"e.g. torchrun --standalone --nproc_per_node={suggestion} train_gpt.py <your flags>")
     for name in ("micro_batch_tokens", "val_seq_len"):
-        if getattr(args, name) <= 0 or getattr(args, name) % args.attn_block_size != 0:
-            problems.append(f"{name}={getattr(args, name)} must be a positive multiple of attn_block_size={args.attn_block_size}")
-    if args.val_tokens <= 0 or args.val_tokens % (args.val_seq_len * world_size) != 0:
-        problems.append(f"val_tokens={args.val_tokens} must be a positive multiple of val_seq_len * world size = "
+        if getattr(args, name) % args.attn_block_size != 0:
+            problems.append(f"{name}={getattr(args, name)} must be a multiple of attn_block_size={args.attn_block_size}")
+    if args.val_tokens % (args.val_seq_len * world_size) != 0:
+        problems.append(f"val_tokens={args.val_tokens} must be a multiple of val_seq_len * world size = "
                         f"{args.val_seq_len * world_size}")
     if args.num_heads * args.head_dim != args.model_dim:
         problems.append(f"num_heads * head_dim = {args.num_heads * args.head_dim} must equal model_dim={args.model_dim} "
@@ -200,8 +216,6 @@ def check_config(args, world_size):
         problems.append(f"num_layers={args.num_layers} must be >= 2 and >= 2 * num_value_embeds={args.num_value_embeds}")
     if not 0 <= args.eos_token < args.vocab_size:
         problems.append(f"eos_token={args.eos_token} must be a token id below vocab_size={args.vocab_size}")
-    if args.num_iterations < 1 or args.ce_chunk_rows < 1 or args.warmup_steps < 0 or args.stop_after_steps < 0:
-        problems.append("num_iterations and ce_chunk_rows must be >= 1, warmup_steps and stop_after_steps >= 0")
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -595,10 +609,16 @@ def check_tokens(tokens, vocab_size, path):
     return tokens
 
 
-def find_shards(pattern, kind):
+def find_shards(pattern, kind, args):
     files = sorted(glob.glob(pattern))
     if not files:
-        raise UserError(f"no {kind} shards match {pattern!r} (relative to {os.getcwd()}): {FETCH_HINT}")
+        fallback = (" (the synthetic fallback applies only when neither --train_files nor --val_files is given)"
+                    if args.synthetic_fallback and (args.train_files, args.val_files) != DEFAULT_FILES else "")
+        raise UserError(f"no {kind} shards match {pattern!r} (relative to {os.getcwd()}){fallback}: {FETCH_HINT}")
+    folders = [path for path in files if os.path.isdir(path)]
+    if folders:
+        raise UserError(f"--{kind}_files {pattern!r} matches the folder {folders[0]!r}: give a pattern of shard files, "
+                        f"e.g. {os.path.join(folders[0], '*.bin')!r}")
     return files
 
 
@@ -646,8 +666,10 @@ def check_train_data(files, args):
         if args.train_files == DEFAULT_FILES[0]:
             shards = math.ceil(needed / (100_000_000 // args.step_tokens))
             fix = f"run `python data/cached_fineweb10B.py {shards}` from the repository root (100M-token shards)"
-        else:
+        elif available:
             fix = f"pass --{flag}={available} or give more data"
+        else:
+            fix = "give more data (or a smaller --micro_batch_tokens)"
         raise UserError(f"the {len(files)} train shards matching {args.train_files!r} hold {available} steps of "
                         f"{args.step_tokens} tokens but {flag}={needed}: {fix}")
 
@@ -954,6 +976,8 @@ class Logger:
         if is_master:
             self.run_id = f"{args.run_name}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
             self.path = os.path.join(args.log_dir, f"{self.run_id}.txt")
+            if os.path.exists(args.log_dir) and not os.path.isdir(args.log_dir):
+                raise UserError(f"--log_dir {args.log_dir!r} is a file, not a folder: choose a folder for the run logs")
             try:
                 os.makedirs(args.log_dir, exist_ok=True)
                 self.file = open(self.path, "w")
@@ -1039,9 +1063,13 @@ def main(argv):
                                 timeout=datetime.timedelta(minutes=30))
     # data and output paths first: a missing or corrupt file should fail before minutes of compilation
     data_note = use_synthetic_data(args, rank, world_size)
-    train_files = find_shards(args.train_files, "train")
+    train_files, val_files = find_shards(args.train_files, "train", args), find_shards(args.val_files, "val", args)
+    shared = sorted(set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)))
+    if shared:
+        raise UserError(f"{shared[0]} is both a train and a val shard ({len(shared)} shared): the validation loss "
+                        f"would be measured on training data; give --train_files and --val_files disjoint patterns")
     check_train_data(train_files, args)
-    val_tokens = load_val_tokens(find_shards(args.val_files, "val"), args)
+    val_tokens = load_val_tokens(val_files, args)
     is_master = rank == 0
     log = Logger(args, is_master)
 

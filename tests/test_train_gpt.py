@@ -141,7 +141,7 @@ def test_world_size_not_dividing_micro_batches_is_one_error_on_rank_0(tiny_data,
         if rank == 0:
             assert result.stderr.startswith(
                 "train_gpt.py: error: invalid configuration:\n  world size 3 does not divide micro_batches_per_step=2: "
-                "the valid process counts are 1, 2; e.g. torchrun --standalone --nproc_per_node=2 train_gpt.py\n")
+                "the valid process counts are 1, 2; e.g. torchrun --standalone --nproc_per_node=2 train_gpt.py <your flags>\n")
             assert result.stderr.count("world size 3 does not divide") == 1
         else:
             assert result.stderr == ""
@@ -193,6 +193,9 @@ def test_unwritable_log_dir_is_one_error_before_training(tiny_data, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.startswith(f"train_gpt.py: error: cannot write the run log '{tmp_path}/a_file/logs/gpt_tiny_")
     assert "choose a writable --log_dir" in result.stderr
+    result = run_script(tiny_args(tiny_data, f"--log_dir={tmp_path}/a_file"), tmp_path, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"train_gpt.py: error: --log_dir '{tmp_path}/a_file' is a file, not a folder: choose a folder for the run logs\n"
 
 
 def test_a_cpu_run_logs_no_gpu_also_where_nvidia_smi_lists_some(tmp_path, monkeypatch):
@@ -285,8 +288,46 @@ def test_check_config_rejects_impossible_settings():
         tg.check_config(full, 3)
     with pytest.raises(tg.UserError, match="val_tokens"):
         tg.check_config(tg.Hyperparameters(val_tokens=1000), 1)
-    with pytest.raises(tg.UserError, match="val_seq_len=1000 must be a positive multiple of attn_block_size=128"):
+    with pytest.raises(tg.UserError, match="val_seq_len=1000 must be a multiple of attn_block_size=128"):
         tg.check_config(tg.Hyperparameters(val_seq_len=1000), 1)
+    # out of range: each named, all at once, before the rules that divide by them (no ZeroDivisionError)
+    bad = dict(micro_batches_per_step=0, attn_block_size=0, mlp_hidden=-1, muon_lr=-1.0, embed_lr=float("nan"),
+               cooldown_frac=1.5, logit_cap=0.0, adam_eps=-1.0, adam_beta1=1.0, num_value_embeds=-1, val_every=-1)
+    with pytest.raises(tg.UserError) as error:
+        tg.check_config(tg.Hyperparameters(**bad), 1)
+    for name, value in bad.items():
+        assert f"\n  {name}={value} must be " in str(error.value)
+    assert str(error.value).count("\n  ") == len(bad)
+    for name, value in [("cooldown_frac", 0.0), ("cooldown_frac", 1.0), ("muon_lr", 0.0), ("adam_beta2", 0.0)]:
+        tg.check_config(tg.Hyperparameters(**{name: value}), 1)  # the edges that are allowed
+    with pytest.raises(tg.UserError, match="run_name='exp/a' names a file in log_dir and cannot hold a path separator"):
+        tg.check_config(tg.Hyperparameters(run_name="exp/a"), 1)
+
+
+def test_shard_patterns_that_match_a_folder_or_overlap_are_one_error(tiny_data, tmp_path):
+    def with_train_files(pattern):
+        return [arg for arg in tiny_args(tiny_data) if not arg.startswith("--train_files")] + [f"--train_files={pattern}"]
+
+    folder = run_script(with_train_files(tiny_data), tmp_path, check=False)
+    assert folder.returncode == 2 and "Traceback" not in folder.stderr
+    assert folder.stderr.startswith(f"train_gpt.py: error: --train_files '{tiny_data}' matches the folder '{tiny_data}': "
+                                    f"give a pattern of shard files, e.g. '{tiny_data}/*.bin'")
+    overlap = run_script(with_train_files(f"{tiny_data}/*.bin"), tmp_path, check=False)
+    assert overlap.returncode == 2 and "Traceback" not in overlap.stderr
+    assert "_val_000000.bin is both a train and a val shard (1 shared)" in overlap.stderr
+    assert not (tmp_path / "logs").exists()  # before the log is opened
+
+
+def test_no_shard_error_says_when_the_synthetic_fallback_is_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = tg.parse_args(["--preset=tiny", "--val_files=mine/val_*.bin"])
+    with pytest.raises(tg.UserError, match=r"no train shards match 'data/fineweb10B/fineweb_train_\*.bin' .* \(the "
+                                           "synthetic fallback applies only when neither --train_files nor --val_files "
+                                           "is given\)"):
+        tg.find_shards(args.train_files, "train", args)
+    with pytest.raises(tg.UserError) as error:
+        tg.find_shards("data/fineweb10B/fineweb_train_*.bin", "train", tg.parse_args([]))  # no fallback asked for
+    assert "synthetic" not in str(error.value)
 
 
 def test_layer_layout_reproduces_the_record_for_16_layers():
@@ -822,7 +863,11 @@ def test_too_few_tokens_are_errors(tiny_data):
     with pytest.raises(tg.UserError, match=rf"hold {STEPS} steps of 1024 tokens but stop_after_steps={STEPS + 1}: "
                                            f"pass --stop_after_steps={STEPS} or give more data"):
         tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
-    args.stop_after_steps = 0
+    args.stop_after_steps, args.micro_batch_tokens = 0, 32768  # not one step: no --num_iterations=0 to suggest
+    with pytest.raises(tg.UserError, match=r"hold 0 steps of 65536 tokens but num_iterations=\d+: give more data \(or "
+                                           r"a smaller --micro_batch_tokens\)"):
+        tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
+    args.micro_batch_tokens = 512
     args.train_files = tg.Hyperparameters.train_files  # the default FineWeb pattern: fetch more shards
     with pytest.raises(tg.UserError, match=rf"hold {STEPS} steps .* `python data/cached_fineweb10B.py 1`"):
         tg.check_train_data([str(tiny_data / "tiny_train_000001.bin")], args)
