@@ -5,7 +5,8 @@
 Reads training logs (a directory stands for every *.txt in it) in the speedrun's format, where each
 evaluation is a line `step:S/T val_loss:L train_time:Xms step_avg:Yms`. A run's result is its
 evaluation at step T/T: the final val_loss, and train_time (printed here in seconds). A log without
-that line (an unfinished run) is listed as skipped and not counted.
+that line (an unfinished run) is listed as skipped and not counted; a run that diverged (a val_loss that
+is not finite, or the line with which train_gpt.py stops on a NaN loss) is an error.
 
 Prints the losses with their mean, median, std (population, ddof=0, as the public record READMEs
 report it), min and max; a one-sided one-sample t-test of H1 "mean < threshold" (the sample std in
@@ -14,15 +15,18 @@ it uses ddof=1) with the one-sided upper confidence bound of the mean; the verdi
 stats of the run times.
 
 The runs of one test must come from one script and configuration: logs whose script text (the part
-above the first ==== line) or run name (run_name=... in the header) differ are not pooled; the error
-lists the groups. --allow_mixed pools them anyway. Identical losses (zero variance) are an error, not
+above the first ==== line), run name (run_name=... in the header) or settings (the Hyperparameters(...)
+line, seed and output paths aside) differ are not pooled; the error lists the groups and the settings
+that differ. --allow_mixed pools them anyway. Identical losses (zero variance) are an error, not
 t = -inf.
 """
 
 import argparse
+import ast
 import hashlib
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,10 @@ from scipy import stats
 
 SEPARATOR = "=" * 100  # ends the script text at the top of every log
 EVAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms")
+STOPPED_NOT_FINITE = re.compile(r"step:(\d+)/(\d+) (train|validation) loss is (nan|-?inf)\b")  # train_gpt.py
 RUN_NAME = re.compile(r"\brun_name\s*[=:]\s*['\"]?([^'\",)\s]+)")
+CONFIG_PREFIX = "Hyperparameters("  # the settings line of the scripts' logs
+PER_RUN_SETTINGS = {"seed", "seeds", "run_name", "log_dir", "out_dir", "ckpt_dir", "save_checkpoint"}  # may differ
 RECORD_ALPHA = 0.01  # the track's rule, records/README.md
 
 
@@ -72,34 +79,59 @@ def evaluations(lines):
     return [(int(m[1]), int(m[2]), m[3], int(m[4]) / 1000) for m in matches if m]
 
 
+def settings(lines):
+    """The logged Hyperparameters(...) as ((name, value text), ...) without the per-run ones (seed, paths), or
+    None for a log without that line."""
+    line = next((line.strip() for line in lines if line.startswith(CONFIG_PREFIX)), None)
+    if line is None:
+        return None
+    try:
+        call = ast.parse(line, mode="eval").body
+        return tuple(sorted((k.arg, ast.unparse(k.value)) for k in call.keywords if k.arg not in PER_RUN_SETTINGS))
+    except SyntaxError:
+        return (("settings line", line),)
+
+
 def run_identity(script_text, lines):
-    """What makes two logs the same attempt: a digest of the script text, and the run name if logged."""
+    """What makes two logs the same attempt: a digest of the script text, the run name and the settings."""
     code = hashlib.sha1(script_text.encode()).hexdigest()[:8] if script_text is not None else "no script text"
     name = next((m[1] for m in map(RUN_NAME.search, lines) if m), None)
-    return code, name
+    return code, name, settings(lines)
 
 
-def final_result(path, evals):
-    """(final val_loss, final train_time in s) from a log's evaluations, or a str saying why it cannot count."""
+def number(text):
+    """float(text), or None where the text is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def final_result(path, lines, evals):
+    """(final val_loss, final train_time in s) from a log's evaluations, or a str saying why it cannot count.
+    A diverged run is an error: a failed run belongs to the attempt."""
+    stop = next((m for m in map(STOPPED_NOT_FINITE.match, lines) if m), None)
+    bad_eval = next((e for e in evals if number(e[2]) is not None and not math.isfinite(number(e[2]))), None)
+    if stop or bad_eval:
+        what = (f"{stop[3]} loss is {stop[4]} at step {stop[1]}/{stop[2]}" if stop
+                else f"val_loss is {bad_eval[2]} at step {bad_eval[0]}/{bad_eval[1]}")
+        raise ValueError(f"{path}: {what} (the run diverged). A failed run belongs to the attempt: do not drop it "
+                         f"silently; move it out deliberately if it must go.")
     finals = [e for e in evals if e[0] == e[1]]
     if not finals:
         if not evals:
             return "no evaluation line (step:S/T val_loss:L train_time:Xms step_avg:Yms) found"
         return f"no evaluation at step T/T: unfinished run, last evaluation at step {evals[-1][0]}/{evals[-1][1]}"
     _, _, loss_text, seconds = finals[-1]
-    try:
-        loss = float(loss_text)
-    except ValueError:
+    if number(loss_text) is None:
         return f"final val_loss {loss_text!r} is not a number"
-    if not math.isfinite(loss):
-        raise ValueError(f"{path}: final val_loss is {loss_text} (the run diverged). A failed run belongs "
-                         f"to the attempt: do not drop it silently; move it out deliberately if it must go.")
-    return loss, seconds
+    return number(loss_text), seconds
 
 
 def final_evaluation(path):
     """(final val_loss, final train_time in s) of one log, or a str saying why the log cannot count."""
-    return final_result(path, evaluations(read_log(path)[1]))
+    lines = read_log(path)[1]
+    return final_result(path, lines, evaluations(lines))
 
 
 def read_runs(paths, allow_mixed=False):
@@ -110,15 +142,19 @@ def read_runs(paths, allow_mixed=False):
     for path in find_logs(paths):
         script_text, lines = read_log(path)
         evals = evaluations(lines)
-        runs.append({"path": path, "evals": evals, "result": final_result(path, evals),
+        runs.append({"path": path, "evals": evals, "result": final_result(path, lines, evals),
                      "identity": run_identity(script_text, lines)})
     groups = {}
     for run in runs:
         if not isinstance(run["result"], str):
             groups.setdefault(run["identity"], []).append(run["path"])
     if len(groups) > 1 and not allow_mixed:
-        listing = "\n".join(f"  script {code}, run_name {name}: {len(group)} log{'s' * (len(group) > 1)} "
-                             f"({', '.join(str(p) for p in group)})" for (code, name), group in groups.items())
+        values = [dict(config or ()) for _, _, config in groups]
+        differing = sorted({key for v in values for key in v if len({w.get(key) for w in values}) > 1})
+        listing = "\n".join(f"  script {code}, run_name {name}"
+                             + "".join(f", {key}={config.get(key, '(not logged)')}" for key in differing)
+                             + f": {len(group)} log{'s' * (len(group) > 1)} ({', '.join(str(p) for p in group)})"
+                             for (code, name, _), group, config in zip(groups, groups.values(), values))
         raise ValueError(f"the logs come from {len(groups)} different scripts or configurations, which one "
                          f"test must not pool:\n{listing}\nGive the logs of one attempt only, or --allow_mixed to "
                          f"pool them anyway.")
@@ -183,6 +219,10 @@ def main(argv=None):
     parser.add_argument("--allow_mixed", action="store_true",
                         help="pool logs of different scripts or run names (refused by default)")
     args = parser.parse_args(argv)
+    given = [arg.split("=")[0] for arg in (sys.argv[1:] if argv is None else argv)]
+    for flag in ("--threshold", "--alpha", "--allow_mixed"):
+        if given.count(flag) > 1:
+            parser.error(f"{flag} given twice")
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
 

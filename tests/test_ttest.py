@@ -31,12 +31,12 @@ SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms 
 
 
 def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125, script=SCRIPT_TEXT,
-              run_name="gpt", curve=lambda step: 3.5):
+              run_name="gpt", curve=lambda step: 3.5, settings="seed=7, log_dir='logs'"):
     """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run; curve(step) is
     the val_loss of the evaluations before the last step."""
     last_step = steps if last_step is None else last_step
     lines = [script, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
-             f"Hyperparameters(num_iterations={steps}, seed=7, run_name='{run_name}', log_dir='logs')",
+             f"Hyperparameters(num_iterations={steps}, run_name='{run_name}', {settings})",
              f"step:0/{steps} val_loss:10.8258 train_time:0ms step_avg:nanms"]
     for step in range(1, last_step + 1):
         ms = round(train_time_ms * step / steps)
@@ -147,9 +147,18 @@ def test_public_speedrun_line_format(tmp_path):
 
 
 def test_diverged_run_is_an_error_not_dropped(tmp_path, capsys):
+    for i in range(2):
+        write_log(tmp_path / f"ok{i}.txt", 2.91 + i / 1000, 1000, steps=4)
+    run_main(capsys, tmp_path)  # the finished runs alone pass
     write_log(tmp_path / "nan.txt", "nan", 1000, steps=4)
-    write_log(tmp_path / "ok.txt", 2.91, 1000, steps=4)
-    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: final val_loss is nan")
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: val_loss is nan at step 4/4 \\(the run diverged\\)")
+    # train_gpt.py stops at the first non-finite loss: no final evaluation, but not an unfinished run to skip
+    write_log(tmp_path / "nan.txt", steps=4, last_step=2, val_every=2, curve=lambda step: float("nan"))
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: val_loss is nan at step 2/4 \\(the run diverged\\)")
+    write_log(tmp_path / "nan.txt", steps=4, last_step=3)
+    with open(tmp_path / "nan.txt", "a") as log:
+        log.write("step:3/4 train loss is nan: stopping the run (lower the learning rates, or check the data)\n")
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: train loss is nan at step 3/4 \\(the run diverged\\)")
 
 
 def test_command_line_with_directory_and_file_arguments(tmp_path):
@@ -201,6 +210,25 @@ def test_logs_of_different_scripts_are_not_pooled(tmp_path, capsys, difference):
     assert "b1.txt" not in message and "--allow_mixed" in message
     out = run_main(capsys, tmp_path, "--allow_mixed")
     assert "over 4 runs:\n[2.918, 2.919, 2.9185, 2.95]" in out
+
+
+def test_logs_with_different_settings_are_not_pooled_but_seeds_and_paths_may_differ(tmp_path, capsys):
+    """Every setting is a flag, so one script text covers many configurations: the logged settings tell them apart."""
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4, settings=f"seed={i}, log_dir='logs/{i}', muon_lr=0.025")
+    assert "over 2 runs" in run_main(capsys, tmp_path)
+    write_log(tmp_path / "b.txt", 2.95, 1000, steps=4, settings="seed=5, log_dir='logs', muon_lr=0.05")
+    with pytest.raises(ValueError) as info:
+        ttest.read_runs([tmp_path])
+    assert re.search(r"script \w+, run_name gpt, muon_lr=0.025: 2 logs \(\S*a0.txt, \S*a1.txt\)\n"
+                     r"  script \w+, run_name gpt, muon_lr=0.05: 1 log \(\S*b.txt\)", str(info.value))
+    assert "over 3 runs" in run_main(capsys, tmp_path, "--allow_mixed")
+
+
+def test_a_repeated_option_is_an_error(tmp_path, capsys):
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4)
+    assert_user_error(capsys, ttest.main, [str(tmp_path), "--threshold", "3", "--threshold=2"], "--threshold given twice")
 
 
 def test_public_logs_without_run_name_pool_with_each_other(tmp_path, capsys):
