@@ -18,12 +18,14 @@ Local input:
 
 Output: <out>/fineweb_val_000000.bin holds the first --val_tokens tokens of the stream, then
 <out>/fineweb_train_000001.bin, 000002, ... hold --shard_tokens tokens each (the last one may be
-shorter). A document can straddle two shards, as in the public set.
+shorter). A document can straddle two shards, as in the public set. The shards are written into
+<out>.partial<pid> next to <out> and moved into <out> once all are written: a failed run leaves none.
 """
 
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,11 +103,16 @@ def read_shard(path):
 # ---- Documents ----
 
 def iter_hub_documents(dataset_name, dataset_config):
-    """Stream documents from the Hugging Face hub (needs a network; nothing is stored whole)."""
-    from datasets import load_dataset
-    dataset = load_dataset(dataset_name, name=dataset_config, split="train", streaming=True)
-    for row in dataset:
-        yield row["text"]
+    """Stream documents from the Hugging Face hub (needs a network; nothing is stored whole). The hub is reached
+    here, on the call, so that no network is one error before any work starts."""
+    try:
+        from datasets import load_dataset
+        dataset = load_dataset(dataset_name, name=dataset_config, split="train", streaming=True)
+    except Exception as e:  # no network, no datasets package, or a wrong --hf_dataset / --hf_name
+        raise ValueError(f"cannot download {dataset_name} ({dataset_config}) from the Hugging Face hub "
+                         f"({type(e).__name__}: {e}); check the network and --hf_dataset / --hf_name, or tokenise "
+                         f"local .txt/.jsonl text with --input FILE_OR_DIR ...") from None
+    return (row["text"] for row in dataset)
 
 
 def list_local_files(inputs):
@@ -208,7 +215,8 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
                        expected_tokens=None):
     """Tokenise documents in parallel and write shard 0 (val, val_tokens) then train shards of shard_tokens.
 
-    Returns the list of written shard paths."""
+    The shards are written into the sibling folder <out_dir>.partial<pid>, then moved into out_dir: a failed
+    run leaves no partial set in out_dir. Returns the list of written shard paths."""
     if val_tokens < 1 or shard_tokens < 1:
         raise ValueError(f"--val_tokens and --shard_tokens must be positive, got {val_tokens} and {shard_tokens}")
     if max_train_shards is not None and max_train_shards < 1:
@@ -217,50 +225,75 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder: choose a folder for the shards")
     # Shards left from another run would silently mix two datasets.
     existing = sorted(p.name for p in out_dir.glob("fineweb_*.bin"))
     if existing:
         raise ValueError(f"{out_dir} already holds shards ({existing[0]} ...); remove them or choose another --out")
     # Here, not only in the workers: a pool replaces a worker whose initializer fails, forever.
     _load_encoding()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.resolve().with_name(f"{out_dir.resolve().name}.partial{os.getpid()}")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {partial} ({e.strerror or e}); choose another --out") from None
     written = []
     workers = workers or os.cpu_count() or 1
-    with Pool(workers, initializer=_load_encoding) as pool, \
-            tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
+    try:
+        with Pool(workers, initializer=_load_encoding) as pool, \
+                tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
 
-        def tokenized():
-            for tokens in pool.imap(tokenize_document, documents, chunksize=16):
-                progress.update(len(tokens))
-                yield tokens
+            def tokenized():
+                for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+                    progress.update(len(tokens))
+                    yield tokens
 
-        for shard_index, tokens in enumerate(rechunk(tokenized(), val_tokens, shard_tokens)):
-            written.append(shard_path(out_dir, shard_index))
-            write_shard(written[-1], tokens)
-            if max_train_shards is not None and shard_index == max_train_shards:
-                break
-    if len(written) < 2:
-        total_tokens = sum(check_shard_header(path) for path in written)
-        raise ValueError(f"the input has only {total_tokens} tokens, not more than --val_tokens={val_tokens}, so no "
-                         f"training shard was written; give more text or lower --val_tokens")
-    return written
+            for shard_index, tokens in enumerate(rechunk(tokenized(), val_tokens, shard_tokens)):
+                written.append(shard_path(partial, shard_index))
+                write_shard(written[-1], tokens)
+                if max_train_shards is not None and shard_index == max_train_shards:
+                    break
+        if len(written) < 2:
+            total_tokens = sum(check_shard_header(path) for path in written)
+            raise ValueError(f"the input has only {total_tokens} tokens, not more than --val_tokens={val_tokens}, so "
+                             f"no training shard was written; give more text or lower --val_tokens")
+        out_dir.mkdir(exist_ok=True)
+        for path in written:
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return [out_dir / path.name for path in written]
 
 
 # ---- Command line ----
 
+class Once(argparse.Action):
+    """Store the value (const for an option with nargs=0); a second occurrence of the option, in any spelling,
+    is an error. Also used by data/multiplication.py and data/synthetic.py."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.dest in given:
+            parser.error(f"argument {self.option_strings[0]}: given twice")
+        given.add(self.dest)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", default=None,
+    parser.add_argument("--input", action=Once, nargs="+", default=None,
                         help="local .txt/.jsonl files or directories (default: FineWeb from the HF hub)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "fineweb10B"),
+    parser.add_argument("--out", action=Once, default=str(Path(__file__).resolve().parent / "fineweb10B"),
                         help="output directory (default: data/fineweb10B next to this script)")
-    parser.add_argument("--val_tokens", type=int, default=100_000_000, help="tokens in the val shard")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per train shard")
-    parser.add_argument("--max_train_shards", type=int, default=None,
+    parser.add_argument("--val_tokens", action=Once, type=int, default=100_000_000, help="tokens in the val shard")
+    parser.add_argument("--shard_tokens", action=Once, type=int, default=100_000_000, help="tokens per train shard")
+    parser.add_argument("--max_train_shards", action=Once, type=int, default=None,
                         help="stop after this many train shards (default: tokenise all input)")
-    parser.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
-    parser.add_argument("--hf_dataset", default="HuggingFaceFW/fineweb")
-    parser.add_argument("--hf_name", default="sample-10BT", help="dataset config on the hub")
+    parser.add_argument("--workers", action=Once, type=int, default=None,
+                        help="tokeniser processes (default: all cores)")
+    parser.add_argument("--hf_dataset", action=Once, default="HuggingFaceFW/fineweb")
+    parser.add_argument("--hf_name", action=Once, default="sample-10BT", help="dataset config on the hub")
     args = parser.parse_args(argv)
     try:
         if args.input:

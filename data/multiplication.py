@@ -21,6 +21,9 @@ import os
 import random
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fineweb import Once  # noqa: E402  (data/fineweb.py, next to this script)
+
 ALLOWED_CHARACTERS = set("0123456789 *+()$|#")
 
 
@@ -101,25 +104,25 @@ def parse_line(line: str) -> tuple[list[tuple[int, int]], int, int]:
 
 
 def read_lines(path: str) -> list[tuple[list[tuple[int, int]], int, int]]:
-    """Every line of a file parsed; the first invalid line ends the program with its file and line number. The same
+    """Every line of a file parsed; the first invalid line raises ValueError with its file and line number. The same
     rules as train_icot.py's loader (which repeats them, being self-contained): every line valid, one digit size and
     one number of problems per line in a file, and at least one line."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file (generate it with data/multiplication.py or fix the path)")
+        raise ValueError(f"{path}: no such file (generate it with data/multiplication.py or fix the path)")
     parsed = []
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             try:
                 problems, n, m = parse_line(line.rstrip("\n"))
             except ValueError as error:
-                raise SystemExit(f"{path}:{number}: invalid line: {error}") from None
+                raise ValueError(f"{path}:{number}: invalid line: {error}") from None
             if parsed and (n, m, len(problems)) != (parsed[0][1], parsed[0][2], len(parsed[0][0])):
                 first_problems, first_n, first_m = parsed[0]
-                raise SystemExit(f"{path}:{number}: {n}x{m} with {len(problems)} per line, but line 1 is "
+                raise ValueError(f"{path}:{number}: {n}x{m} with {len(problems)} per line, but line 1 is "
                                  f"{first_n}x{first_m} with {len(first_problems)}: one digit size and K per file")
             parsed.append((problems, n, m))
     if not parsed:
-        raise SystemExit(f"{path}: empty file")
+        raise ValueError(f"{path}: empty file")
     return parsed
 
 
@@ -133,7 +136,7 @@ def sample_problems(rng: random.Random, count: int, n: int, m: int, leading_zero
     space = (a_high - a_low + 1) * (b_high - b_low + 1)
     allowed_estimate = space - sum(a_low <= a <= a_high and b_low <= b <= b_high for a, b in forbidden)
     if allowed_estimate <= 0:
-        raise SystemExit(f"no {n}x{m} problem is left after the excluded ones: use fewer excluded/earlier-split lines")
+        raise ValueError(f"no {n}x{m} problem is left after the excluded ones: use fewer excluded/earlier-split lines")
     if allowed_estimate < space // 2:  # small space mostly excluded: draw from the explicit list of allowed pairs
         pool = [(a, b) for a in range(a_low, a_high + 1) for b in range(b_low, b_high + 1) if (a, b) not in forbidden]
         return [pool[rng.randrange(len(pool))] for _ in range(count)]
@@ -162,7 +165,7 @@ def parse_digits(text: str) -> tuple[int, int]:
         n, m = (int(x) for x in text.lower().split("x"))
         assert n >= 1 and m >= 1
     except (ValueError, AssertionError):
-        raise SystemExit(f"--digits {text!r}: expected NxM with positive integers, e.g. 4x4 or 3x5") from None
+        raise ValueError(f"--digits {text!r}: expected NxM with positive integers, e.g. 4x4 or 3x5") from None
     return n, m
 
 
@@ -171,10 +174,10 @@ def parse_splits(text: str) -> list[tuple[str, int]]:
     for item in text.split(","):
         name, _, count = item.partition("=")
         if not name or not count.isdigit() or int(count) <= 0:
-            raise SystemExit(f"--splits item {item!r}: expected name=count, e.g. train=808000,valid=1000,test=1000")
+            raise ValueError(f"--splits item {item!r}: expected name=count, e.g. train=808000,valid=1000,test=1000")
         splits.append((name, int(count)))
     if len({name for name, _ in splits}) != len(splits):
-        raise SystemExit(f"--splits {text!r}: a split name appears twice")
+        raise ValueError(f"--splits {text!r}: a split name appears twice")
     return splits
 
 
@@ -186,41 +189,53 @@ def write_lines(path: str, lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--digits", default="4x4", help="NxM: first operand N digits, second M digits")
-    parser.add_argument("--per-line", type=int, default=1, help="K problems per line, joined with ' $ '")
-    parser.add_argument("--count", type=int, help="number of lines written to --out")
-    parser.add_argument("--out", help="output file (with --count)")
-    parser.add_argument("--splits", help="name=count,... written to --out-dir/<name>.txt, no problem in two splits")
-    parser.add_argument("--out-dir", help="output directory (with --splits)")
-    parser.add_argument("--exclude", nargs="+", default=[], help="files whose problems must not be generated")
-    parser.add_argument("--leading-zeros", action="store_true", help="allow operands that start with a zero")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--check", nargs="+", help="only validate these files")
+    parser = argparse.ArgumentParser(prog="multiplication.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--digits", action=Once, default="4x4", help="NxM: first operand N digits, second M digits")
+    parser.add_argument("--per-line", action=Once, type=int, default=1, help="K problems per line, joined with ' $ '")
+    parser.add_argument("--count", action=Once, type=int, help="number of lines written to --out")
+    parser.add_argument("--out", action=Once, help="output file (with --count)")
+    parser.add_argument("--splits", action=Once,
+                        help="name=count,... written to --out-dir/<name>.txt, no problem in two splits")
+    parser.add_argument("--out-dir", action=Once, help="output directory (with --splits)")
+    parser.add_argument("--exclude", action=Once, nargs="+", default=[],
+                        help="files whose problems must not be generated")
+    parser.add_argument("--leading-zeros", action=Once, nargs=0, const=True, default=False,
+                        help="allow operands that start with a zero")
+    parser.add_argument("--seed", action=Once, type=int, default=0)
+    parser.add_argument("--check", action=Once, nargs="+", help="only validate these files")
     args = parser.parse_args(argv)
 
-    if args.check:
-        for path in args.check:
-            print(f"{path}: {len(read_lines(path))} valid lines")
-        return
-    n, m = parse_digits(args.digits)
-    if args.per_line < 1:
-        raise SystemExit("--per-line must be >= 1")
-    if (args.count is None) == (args.splits is None):
-        raise SystemExit("give either --count N --out FILE, or --splits name=count,... --out-dir DIR")
-    if args.count is not None and not args.out:
-        raise SystemExit("--count needs --out FILE")
-    if args.splits is not None and not args.out_dir:
-        raise SystemExit("--splits needs --out-dir DIR")
-    splits = [("out", args.count)] if args.count is not None else parse_splits(args.splits)
+    try:  # every check, and the generation, before the first file is written
+        if args.check:
+            for path in args.check:
+                print(f"{path}: {len(read_lines(path))} valid lines")
+            return
+        n, m = parse_digits(args.digits)
+        if args.per_line < 1:
+            raise ValueError("--per-line must be >= 1")
+        if args.count is not None and args.count < 1:
+            raise ValueError(f"--count must be >= 1 (the number of lines to write), got {args.count}")
+        if (args.count is None) == (args.splits is None):
+            raise ValueError("give either --count N --out FILE, or --splits name=count,... --out-dir DIR")
+        if args.count is not None and not args.out:
+            raise ValueError("--count needs --out FILE")
+        if args.splits is not None and not args.out_dir:
+            raise ValueError("--splits needs --out-dir DIR")
+        if args.out and os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder: give the path of the file to write")
+        if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder: choose a folder for the splits")
+        splits = [("out", args.count)] if args.count is not None else parse_splits(args.splits)
 
-    rng = random.Random(args.seed)
-    forbidden = excluded_problems(args.exclude)
-    # Smallest split first: the held-out splits are drawn before the big training split takes what is left.
-    generated = {}
-    for name, count in sorted(splits, key=lambda split: split[1]):
-        generated[name], problems = generate_lines(rng, count, n, m, args.per_line, args.leading_zeros, forbidden)
-        forbidden |= set(problems)
+        rng = random.Random(args.seed)
+        forbidden = excluded_problems(args.exclude)
+        # Smallest split first: the held-out splits are drawn before the big training split takes what is left.
+        generated = {}
+        for name, count in sorted(splits, key=lambda split: split[1]):
+            generated[name], problems = generate_lines(rng, count, n, m, args.per_line, args.leading_zeros, forbidden)
+            forbidden |= set(problems)
+    except ValueError as error:
+        parser.error(str(error))  # one message, exit code 2
     for name, _ in splits:
         write_lines(args.out if args.count is not None else os.path.join(args.out_dir, f"{name}.txt"), generated[name])
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fineweb import EOT_TOKEN, rechunk, write_shard  # noqa: E402  (data/fineweb.py, next to this script)
+from fineweb import EOT_TOKEN, Once, rechunk, write_shard  # noqa: E402  (data/fineweb.py, next to this script)
 
 # ---- The generative process ----
 VOCAB_SIZE = 50257  # GPT-2; ids 0..50255 are ordinary tokens, 50256 starts every document
@@ -144,17 +144,6 @@ def write_synthetic_shards(out_dir, train_tokens, val_tokens, shard_tokens=100_0
 
 # ---- Command line ----
 
-class _Once(argparse.Action):
-    """Store the value; a second occurrence of the option, in any spelling, is an error."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        given = namespace.__dict__.setdefault("_given", set())
-        if self.dest in given:
-            parser.error(f"argument {self.option_strings[0]}: given twice")
-        given.add(self.dest)
-        setattr(namespace, self.dest, values)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -166,7 +155,7 @@ def build_parser():
                ("seed", int, 0, "seed of the chain and both streams (default: 0)")]
     for name, type_, default, help_text in options:
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, dest=name, type=type_, default=default, help=help_text, action=_Once)
+        parser.add_argument(*spellings, dest=name, type=type_, default=default, help=help_text, action=Once)
     return parser
 
 

@@ -197,6 +197,24 @@ def test_hub_input_streams_fineweb_sample_10bt(tmp_path, monkeypatch):
     assert (stream == EOT_TOKEN).sum() == len(DOCUMENTS)
 
 
+def test_unreachable_hub_is_one_error_that_points_to_input(tmp_path, capsys, monkeypatch):
+    """No network (the hub client is replaced by one that fails as it does offline): one error, before any work,
+    with the cause and the way out (local text with --input), not a traceback."""
+    import sys
+    import types
+    from data.fineweb import main
+
+    def load_dataset(path, name, split, streaming):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (ConnectionError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert_user_error(capsys, main, ["--out", str(tmp_path / "o"), "--workers", "1"],
+                      r"error: cannot download HuggingFaceFW/fineweb \(sample-10BT\) from the Hugging Face hub "
+                      r"\(ConnectionError: Couldn't reach 'HuggingFaceFW/fineweb' on the Hub .*"
+                      r"tokenise local .txt/.jsonl text with --input")
+    assert not any(tmp_path.iterdir())
+
+
 def assert_user_error(capsys, main, argv, message):
     """main(argv) ends with exit code 2 and one error message (matching the regex `message`), no traceback."""
     with pytest.raises(SystemExit) as info:
@@ -220,8 +238,34 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
 def test_input_too_small_for_a_train_shard(tmp_path, capsys):
     from data.fineweb import main
     _write_jsonl(tmp_path / "small.jsonl", ["tiny"])
-    assert_user_error(capsys, main, ["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"),
-                                     "--val_tokens", "100", "--workers", "1"], "only 2 tokens.*no training shard")
+    (tmp_path / "o").mkdir()
+    argv = ["--input", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "o"), "--workers", "1"]
+    assert_user_error(capsys, main, argv + ["--val_tokens", "100"], "only 2 tokens.*no training shard")
+    # The failed run leaves no partial set (nor its .partial folder), so a rerun is not refused.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "small.jsonl"] and not any((tmp_path / "o").iterdir())
+    main(argv + ["--val_tokens", "1"])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+
+
+def test_out_that_is_a_file_is_one_error(tmp_path, capsys):
+    from data.fineweb import main
+    _write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
+    (tmp_path / "a_file").write_text("keep")
+    assert_user_error(capsys, main, ["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "a_file"),
+                                     "--val_tokens", "5", "--shard_tokens", "1000", "--workers", "1"],
+                      "--out .*a_file is a file, not a folder: choose a folder")
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_repeated_option_is_one_error(tmp_path, capsys):
+    from data.fineweb import main
+    docs = str(_write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
+    argv = ["--input", docs, "--out", str(tmp_path / "o"), "--shard_tokens", "1000", "--workers", "1"]
+    for repeated, message in [(["--val_tokens", "5", "--val_tokens", "10"], "argument --val_tokens: given twice"),
+                              (["--val_tokens", "5", "--input=" + docs], "argument --input: given twice"),
+                              (["--val_tokens", "5", "--out", str(tmp_path / "p")], "argument --out: given twice")]:
+        assert_user_error(capsys, main, argv + repeated, re.escape(message))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
 # ---- Download helper (the hub client is replaced by a fake: no network here) ----

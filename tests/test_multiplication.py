@@ -1,6 +1,7 @@
 """data/multiplication.py: the paper's exact format, disjoint splits, --exclude, determinism, the line validator."""
 
 import glob
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data import multiplication as mult
+from test_data import assert_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER_FILES = sorted(glob.glob(str(REPO_ROOT.parent / "shared" / "icot" / "*" / "*.txt")))
@@ -97,7 +99,7 @@ def test_validator_rejects_corrupted_line_with_its_number(tmp_path, corrupt, mes
     lines = path.read_text().splitlines()
     lines[2] = corrupt(lines[2])
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match=rf"data.txt:3: invalid line: .*{message}"):
+    with pytest.raises(ValueError, match=rf"data.txt:3: invalid line: .*{message}"):
         mult.read_lines(str(path))
 
 
@@ -110,7 +112,25 @@ def test_cli_writes_file_and_rejects_bad_arguments(tmp_path):
     assert len(mult.read_lines(str(out))) == 10
     bad = subprocess.run([sys.executable, script, "--digits", "4by4", "--count", "1", "--out", out],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "expected NxM" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "multiplication.py: error: --digits '4by4': expected NxM" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("--count 3 --out {tmp}/x.txt --seed 1 --seed=2", "argument --seed: given twice"),
+    ("--count 3 --out {tmp}/x.txt --leading-zeros --leading-zeros", "argument --leading-zeros: given twice"),
+    ("--count 0 --out {tmp}/x.txt", "--count must be >= 1"),
+    ("--count 3 --out {tmp}/a_dir", "--out {tmp}/a_dir is a folder: give the path of the file to write"),
+    ("--splits train=3 --out-dir {tmp}/a_file", "--out-dir {tmp}/a_file is a file, not a folder: choose a folder"),
+    ("--check {tmp}/a_file", "{tmp}/a_file:1: invalid line"),
+    ("--count 3 --out {tmp}/x.txt --exclude {tmp}/a_file", "{tmp}/a_file:1: invalid line"),
+])
+def test_bad_arguments_are_one_error_before_any_file_is_written(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("not a line of multiplication data\n")
+    (tmp_path / "a_dir").mkdir()
+    assert_user_error(capsys, mult.main, argv.format(tmp=tmp_path).split(),
+                      "multiplication.py: error: " + re.escape(message.format(tmp=tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"] and not any((tmp_path / "a_dir").iterdir())
 
 
 LINE_4X4 = mult.format_line([(3719, 3349)], 4, 4)
