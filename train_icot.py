@@ -199,7 +199,7 @@ class OnceAction(argparse.Action):
 def build_parser():
     parser = argparse.ArgumentParser(prog="train_icot.py", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS, help="stage to train, or all, eval, predict")
+    parser.add_argument("command", choices=COMMANDS, nargs="?", help="stage to train, or all, eval, predict")
     parser.add_argument("problems", nargs="*", help="predict: problems such as 3719*3349 (stdin if none)")
     parser.add_argument("--preset", choices=sorted(PRESETS), action=OnceAction, default=argparse.SUPPRESS,
                         help="apply a preset's values first; explicit flags override them")
@@ -222,7 +222,10 @@ def build_parser():
 
 def parse_args(argv):
     """`COMMAND [PROBLEM...] [--preset NAME] [--field value]...` -> (command, Hyperparameters, problems)."""
-    args = vars(build_parser().parse_intermixed_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_intermixed_args(argv))
+    if args["command"] is None:
+        parser.error(f"a command is needed first: one of {', '.join(COMMANDS)} (train_icot.py --help)")
     command, positional, preset = args.pop("command"), args.pop("problems"), args.pop("preset", None)
     args.pop("_given", None)
     args.update({k: tuple(v) for k, v in args.items() if isinstance(v, list)})
@@ -244,23 +247,29 @@ def validate(hp, command, positional):
         die("--per_line must be >= 1")
     if hp.n_layer < 2:
         die("--n_layer must be >= 2 (the teacher-state diagonal needs a first and a last layer)")
+    for field in dataclasses.fields(hp):
+        if field.type is float and not math.isfinite(getattr(hp, field.name)):
+            die(f"--{field.name}={getattr(hp, field.name)} must be a finite number")
+    bounds = [  # checked before the rules that divide by them
+        (">= 1", lambda v: v >= 1, ("model_dim", "n_head", "mlp_mult", "state_mlp_mult", "batch_size", "eval_every",
+         "eval_lines", "eval_batch", "train_eval_lines", "train_lines", "val_lines", "test_lines", "stepwise_remove",
+         "stepwise_patience", "stepwise_max_steps", "teacher_steps", "couple_steps", "emulator_mixtures",
+         "cpu_threads")),
+        ("> 0", lambda v: v > 0, ("lr", "stepwise_remove_per_epoch", "stepwise_lambda", "mindread_epochs",
+         "emulator_epochs", "emulator_mixture_temperature", "grad_clip")),
+        (">= 0", lambda v: v >= 0, ("stepwise_lr", "nocot_lr", "nocot_steps", "mindread_steps", "emulator_steps",
+         "stepwise_decay_steps", "stage_minutes", "embed_lr_mult", "weight_decay", "warmup_steps")),
+        ("in [0, 1]", lambda v: 0 <= v <= 1, ("cooldown_frac",)),
+        ("in [0, 1)", lambda v: 0 <= v < 1, ("beta1", "beta2")),
+    ]
+    for rule, holds, names in bounds:
+        for name in names:
+            if not holds(getattr(hp, name)):
+                die(f"--{name}={getattr(hp, name)} must be {rule}")
     if hp.model_dim % hp.n_head or (hp.model_dim // hp.n_head) % 2:
         die(f"--model_dim={hp.model_dim} must split into --n_head={hp.n_head} heads of even size (rotary)")
     if hp.states not in ("line", "sum"):
         die(f"--states={hp.states!r}: expected line or sum")
-    positive = ("batch_size", "eval_every", "eval_lines", "eval_batch", "stepwise_remove", "stepwise_patience",
-                "stepwise_max_steps", "teacher_steps", "couple_steps", "emulator_mixtures")
-    for name in positive:
-        if getattr(hp, name) < 1:
-            die(f"--{name} must be >= 1")
-    for name in ("lr", "stepwise_remove_per_epoch", "stepwise_lambda", "mindread_epochs", "emulator_epochs",
-                 "emulator_mixture_temperature"):
-        if not getattr(hp, name) > 0:
-            die(f"--{name} must be > 0")
-    for name in ("stepwise_lr", "nocot_lr", "nocot_steps", "mindread_steps", "emulator_steps",
-                 "stepwise_decay_steps", "stage_minutes"):
-        if getattr(hp, name) < 0:
-            die(f"--{name} must be >= 0")
     if positional and command != "predict":
         die(f"unexpected argument(s) {positional} (problems are only for predict; options are --field value)")
     if hp.resume and command != "stepwise":
@@ -286,21 +295,33 @@ def resolve_paths(hp):
     hp.ckpt_dir = hp.ckpt_dir or os.path.join("checkpoints", "icot", name)
     hp.train_file = hp.train_file or os.path.join(hp.data_dir, "train.txt")
     hp.val_file = hp.val_file or os.path.join(hp.data_dir, "valid.txt")
+    if hp.task in PAPER_TASKS and hp.per_line == 1 and hp.paper_dir and not os.path.isdir(hp.paper_dir):
+        die(f"--paper_dir={hp.paper_dir!r} is not a folder (from {os.getcwd()}): the papers' {hp.task} files are "
+            f"excluded from training and are its test set. Run from the repository root, give their folder, or "
+            f"--paper_dir='' to go without them")
     paper = paper_files(hp)
     hp.test_file = hp.test_file or (paper[1] if paper else os.path.join(hp.data_dir, "test.txt"))
 
 
+PAPER_TASKS = ("4x4", "5x5", "7x7", "9x9")  # the tasks of the two papers' files (one problem per line)
+
+
 def paper_folders(hp):
-    """This task's folders of the implicit-CoT paper and of the stepwise paper (they may not exist)."""
+    """This task's folders of the implicit-CoT paper and of the stepwise paper (they may not exist; none without
+    --paper_dir)."""
     n, m = parse_task(hp.task)
+    if not hp.paper_dir:
+        return []
     return [os.path.join(hp.paper_dir, f"{n}_by_{m}_mult"), os.path.join(hp.paper_dir, "stepwise", f"{n}_by_{m}_mult")]
 
 
 def paper_files(hp):
     """(valid, test) of the implicit-CoT paper for this task, or None: 4x4 and 5x5 with one problem per line."""
-    folder = paper_folders(hp)[0]
-    files = (os.path.join(folder, "valid.txt"), os.path.join(folder, "test_bigbench.txt"))
-    return files if hp.per_line == 1 and all(os.path.isfile(f) for f in files) else None
+    folders = paper_folders(hp)
+    if not folders or hp.per_line != 1:
+        return None
+    files = (os.path.join(folders[0], "valid.txt"), os.path.join(folders[0], "test_bigbench.txt"))
+    return files if all(os.path.isfile(f) for f in files) else None
 
 
 # ---- Distributed setup ----
@@ -469,7 +490,8 @@ def load_dataset(path, max_lines=None):
                     f"{layout.per_line}: use one digit size and K per file (batches have no padding)")
             rows.append(tokens)
     if not rows:
-        die(f"{path}: empty file")
+        die(f"{path}: empty file: delete it (a training command writes the default files of --data_dir again) or "
+            f"give a file of problems")
     return Dataset(path, torch.tensor(rows, dtype=torch.uint8), layout)
 
 
@@ -821,11 +843,20 @@ def part(state, prefix):
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
-def load_checkpoint(path, hp, teacher_path=None):
-    """Model of a checkpoint (its own config; the teacher it was trained against is loaded when it needs one)."""
+def load_checkpoint(path, hp, teacher_path=None, kinds=None):
+    """Model of a checkpoint (its own config; the teacher it was trained against is loaded when it needs one);
+    kinds: the stages whose checkpoint the caller can use."""
     if not os.path.isfile(path):
         die(f"{path}: checkpoint not found (train that stage first, or give the right path)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file fails in pickle, zip or OS code, with many error types
+        die(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}): train that stage again, or give "
+            f"the right path")
+    if not isinstance(saved, dict) or not {"kind", "config", "layout", "model"} <= saved.keys():
+        die(f"{path}: not a checkpoint of train_icot.py (no kind, config, layout and model): give the right path")
+    if kinds and saved["kind"] not in kinds:
+        die(f"{path} is a {saved['kind']} checkpoint, but a {' or '.join(kinds)} checkpoint is needed here")
     # fields an older checkpoint did not save take the defaults that version used, not this command's values
     saved_config = {f: getattr(Hyperparameters(), f) for f in MODEL_FIELDS} | saved["config"]
     if "keep_positions" in saved:  # the first checkpoints with the option saved it beside the config
@@ -844,7 +875,7 @@ def load_checkpoint(path, hp, teacher_path=None):
 
 def load_teacher(path, hp):
     """A frozen teacher in eval mode (read, never trained)."""
-    return load_checkpoint(path, hp).eval().requires_grad_(False)
+    return load_checkpoint(path, hp, kinds=("teacher",)).eval().requires_grad_(False)
 
 
 def check_layout(model, dataset):
@@ -1246,7 +1277,8 @@ def build_stage_model(kind, hp, layout):
     teacher_path = hp.teacher or os.path.join(hp.ckpt_dir, "teacher.pt")
     if kind == "couple":  # the emulator's and the mind-reading student's weights, trained together
         mindread_path, emulator_path = (os.path.join(hp.ckpt_dir, f"{k}.pt") for k in ("mindread", "emulator"))
-        mindread, emulator = load_checkpoint(mindread_path, hp), load_checkpoint(emulator_path, hp)
+        mindread = load_checkpoint(mindread_path, hp, kinds=("mindread",))
+        emulator = load_checkpoint(emulator_path, hp, kinds=("emulator",))
         architecture = dataclasses.replace(hp, **emulator.config)  # e.g. its mixture components, not the flags'
         model = IcotModel("couple", architecture, mindread.layout).to(DEVICE)
         load_weights(model.lm, mindread.lm.state_dict(), mindread_path)
@@ -1256,12 +1288,21 @@ def build_stage_model(kind, hp, layout):
         return model
     if kind == "stepwise" and hp.resume:  # its weights and removed CoT tokens; the schedule goes on from there
         path = os.path.join(hp.ckpt_dir, "stepwise.pt")
-        model = load_checkpoint(path, hp)
+        model = load_checkpoint(path, hp, kinds=("stepwise",))
         if model.keep_positions != hp.stepwise_keep_positions:
             die(f"{path} was trained with stepwise_keep_positions={model.keep_positions}: resume it with the same "
                 f"value (--{'' if model.keep_positions else 'no-'}stepwise_keep_positions)")
         return model
     teacher = load_teacher(teacher_path, hp) if kind in ("mindread", "emulator", "stepwise") else None
+    if teacher is not None:  # the new model is built from the flags and starts from the teacher's weights
+        if dataclasses.asdict(teacher.layout) != dataclasses.asdict(layout):
+            die(f"{teacher_path} was trained on {teacher.layout.n}x{teacher.layout.m} with {teacher.layout.per_line} "
+                f"per line, but the data is {layout.n}x{layout.m} with {layout.per_line}: give this task's teacher "
+                f"(--teacher or --ckpt_dir)")
+        differ = [f"--{f}={getattr(hp, f)} (the teacher's: {teacher.config[f]})" for f in ("n_layer", "model_dim",
+                  "n_head", "mlp_mult") if teacher.config[f] != getattr(hp, f)]
+        if differ:
+            die(f"{teacher_path} has another architecture: {', '.join(differ)}: give the teacher's sizes")
     model = IcotModel(kind, hp, layout, teacher if kind != "stepwise" else None).to(DEVICE)
     if teacher is not None:
         load_weights(model.emulator.gpt if kind == "emulator" else model.lm, teacher.lm.state_dict(), teacher_path)
@@ -1291,6 +1332,7 @@ def generate_data(hp):
         return
     if (hp.train_file, hp.val_file) != (os.path.join(hp.data_dir, "train.txt"), os.path.join(hp.data_dir, "valid.txt")):
         die(f"missing data file among {files}; only the default files in --data_dir are generated")
+    check_writable(hp.data_dir, "data_dir")
     script = os.path.join("data", "multiplication.py")
     if not os.path.isfile(script):
         die(f"{script} not found: run from the repository root (the working directory holds data/ and logs/)")
@@ -1309,10 +1351,11 @@ def report_sets(hp):
     the validation file), and the stepwise paper's test and valid files when it has this task."""
     paper = paper_files(hp)
     sets = [("test", hp.test_file), ("valid", paper[0] if paper else hp.val_file)]
-    stepwise_folder = paper_folders(hp)[1]
-    for name, file in (("stepwise test", "test_bigbench.txt"), ("stepwise valid", "valid.txt")):
-        if hp.per_line == 1 and os.path.isfile(os.path.join(stepwise_folder, file)):
-            sets.append((name, os.path.join(stepwise_folder, file)))
+    if hp.per_line == 1 and hp.paper_dir:
+        for name, file in (("stepwise test", "test_bigbench.txt"), ("stepwise valid", "valid.txt")):
+            path = os.path.join(paper_folders(hp)[1], file)
+            if os.path.isfile(path):
+                sets.append((name, path))
     return sets
 
 

@@ -88,7 +88,8 @@ def test_command_line(capsys):
     assert (hp.teacher_steps, hp.batch_size) == (icot.PRESETS["tiny"]["teacher_steps"], 64)  # preset, then flags
     _, hp, _ = icot.parse_args(["teacher", "--show_cot", "--lr", "0.5"])  # a flag never swallows the next argument
     assert hp.show_cot and hp.lr == 0.5
-    errors = [(["train"], "invalid choice: 'train'"), (["teacher", "--lrr=1"], "unrecognized arguments: --lrr=1"),
+    errors = [([], "a command is needed first: one of teacher, nocot, "), (["--lr=1"], "a command is needed first"),
+              (["train"], "invalid choice: 'train'"), (["teacher", "--lrr=1"], "unrecognized arguments: --lrr=1"),
               (["teacher", "--n_layer", "many"], "argument --n_layer/--n-layer: invalid int value: 'many'"),
               (["teacher", "--lr=1", "--lr=2"], "argument --lr: given twice"),
               (["teacher", "--show-cot", "--no_show_cot"], "argument --show_cot: given twice"),
@@ -116,13 +117,28 @@ def test_user_errors_exit_2_with_one_line_before_training(tmp_path, monkeypatch)
     for argv, message in [(["teacher", f"--log_dir={blocker / 'logs'}"], "--log_dir="),
                           (["teacher", "--ckpt_dir", str(blocker), f"--log_dir={tmp_path}"], "--ckpt_dir="),
                           (["nocot", "--resume"], "--resume continues a stepwise stage"),
-                          (["emulator", "--emulator_mixtures=0"], "--emulator_mixtures must be >= 1"),
+                          (["emulator", "--emulator_mixtures=0"], "--emulator_mixtures=0 must be >= 1"),
                           (["emulator", "--emulator_mixture_temperature=0"],
-                           "--emulator_mixture_temperature must be > 0")]:
+                           "--emulator_mixture_temperature=0.0 must be > 0"),
+                          # out of range: named before anything divides by it or hands it to torch
+                          (["teacher", "--n_head=0"], "--n_head=0 must be >= 1"),
+                          (["teacher", "--model_dim=0"], "--model_dim=0 must be >= 1"),
+                          (["teacher", "--beta1=2"], "--beta1=2.0 must be in \\[0, 1\\)"),
+                          (["teacher", "--cpu_threads=0"], "--cpu_threads=0 must be >= 1"),
+                          (["teacher", "--warmup_steps=-5"], "--warmup_steps=-5 must be >= 0"),
+                          (["teacher", "--grad_clip=-1"], "--grad_clip=-1.0 must be > 0"),
+                          (["teacher", "--cooldown_frac=2"], "--cooldown_frac=2.0 must be in \\[0, 1\\]"),
+                          (["teacher", "--stage_minutes=nan"], "--stage_minutes=nan must be a finite number"),
+                          (["teacher", "--lr=inf"], "--lr=inf must be a finite number"),
+                          (["teacher", "--task=4x4", f"--paper_dir={tmp_path / 'typo'}"],
+                           f"--paper_dir='{tmp_path / 'typo'}' is not a folder .* or --paper_dir='' to go without"),
+                          (["teacher", "--task=2x2", f"--data_dir={blocker}", f"--log_dir={tmp_path}",
+                            f"--ckpt_dir={tmp_path}"], "--data_dir=.* is not a writable directory")]:
         with pytest.raises(SystemExit, match=message) as exit_info:
             icot.main(argv)
         assert exit_info.value.code == 2
-    run = subprocess.run([sys.executable, REPO_ROOT / "train_icot.py", "teacher", f"--log_dir={blocker / 'logs'}"],
+    run = subprocess.run([sys.executable, REPO_ROOT / "train_icot.py", "teacher", "--task=2x2",
+                          f"--log_dir={blocker / 'logs'}"],
                          capture_output=True, text=True, cwd=tmp_path)  # the command line: one line, status 2
     assert run.returncode == 2 and run.stdout == "", run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: --log_dir=") and "not a writable" in run.stderr
@@ -516,7 +532,39 @@ def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
         icot.build_stage_model("couple", hp, layout)
 
 
+def test_a_teacher_of_another_task_size_or_kind_and_a_corrupt_checkpoint_are_one_error_each(tmp_path):
+    """The students are built from the flags and start from the teacher's weights: a teacher that does not match
+    them must not be used (same-shaped weights would load without complaint)."""
+    hp = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path))
+    layout = layout_of(LINE_4X4)
+    icot.save_checkpoint(str(tmp_path / "teacher.pt"), icot.IcotModel("teacher", hp, layout))
+    other_task = icot.Layout(**{**icot.dataclasses.asdict(layout), "n": 3, "m": 3})
+    with pytest.raises(SystemExit, match=r"teacher.pt was trained on 4x4 with 1 per line, but the data is 3x3 with 1"):
+        icot.build_stage_model("stepwise", hp, other_task)
+    with pytest.raises(SystemExit, match=r"teacher.pt has another architecture: --n_head=4 \(the teacher's: 2\): give "
+                                         "the teacher's sizes"):
+        icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, n_head=4), layout)
+    icot.save_checkpoint(str(tmp_path / "nocot.pt"), icot.IcotModel("nocot", hp, layout))
+    with pytest.raises(SystemExit, match="nocot.pt is a nocot checkpoint, but a teacher checkpoint is needed here"):
+        icot.build_stage_model("mindread", icot.dataclasses.replace(hp, teacher=str(tmp_path / "nocot.pt")), layout)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "teacher.pt").read_bytes()[:1000])
+    for name in ("text.pt", "cut.pt"):
+        with pytest.raises(SystemExit, match=f"{name}: not a readable checkpoint"):
+            icot.load_checkpoint(str(tmp_path / name), hp)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="foreign.pt: not a checkpoint of train_icot.py"):
+        icot.load_checkpoint(str(tmp_path / "foreign.pt"), hp)
+
+
 # ---- Paths: the papers' files from the working directory ----
+
+def test_an_empty_paper_dir_goes_without_the_papers_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, hp, _ = icot.parse_args(["teacher", "--task=4x4", "--paper_dir="])
+    icot.resolve_paths(hp)
+    assert hp.test_file == os.path.join("data", "icot", "4x4_k1", "test.txt") and icot.paper_folders(hp) == []
+    assert [name for name, _ in icot.report_sets(hp)] == ["test", "valid"]
 
 def test_copied_script_finds_the_paper_files_from_the_working_directory(tmp_path, monkeypatch):
     """A copy of the script under records/ (another folder than the repository's) finds the papers' files from the
