@@ -4,7 +4,7 @@
                            [--out logs/attempts.png] [--allow_mixed]
 
 Each directory is one attempt (its *.txt logs); log files given one by one are grouped into attempts by
-script text and run name, as ttest.py tells runs apart. --baseline names one more attempt, drawn in black.
+script text, run name and settings, as ttest.py tells runs apart. --baseline names one more attempt, drawn in black.
 
 Writes one PNG: val loss against training time (minutes) and against step, the full run on top and the last
 20% of training below, one colour per attempt: every run a thin line, the mean of its finished runs a thick
@@ -43,9 +43,12 @@ def load_attempts(paths, baseline=None, allow_mixed=False):
         by_identity = {}
         for run in ttest.read_runs(loose, allow_mixed=True):
             by_identity.setdefault(run["identity"], []).append(run)
-        for (code, run_name), runs in by_identity.items():
-            attempts.append({"label": f"{run_name or runs[0]['path'].parent.resolve().name} [{code}]",
-                             "runs": runs, "baseline": False})
+        for (code, run_name, settings), runs in by_identity.items():
+            label = f"{run_name or runs[0]['path'].parent.resolve().name} [{code}]"
+            alike = [identity for identity in by_identity if identity[:2] == (code, run_name)]
+            if len(alike) > 1:  # the same script and run name with other settings
+                label += f" settings {alike.index((code, run_name, settings)) + 1}"
+            attempts.append({"label": label, "runs": runs, "baseline": False})
     if baseline:
         attempts.append({"label": "baseline", "runs": ttest.read_runs(baseline, allow_mixed), "baseline": True})
     for attempt in attempts:

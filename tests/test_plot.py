@@ -147,6 +147,10 @@ def test_loose_logs_are_split_by_script_and_run_name(logs):
     assert [len(a["runs"]) for a in attempts] == [4, 3]
     assert re.fullmatch(r"gpt \[\w{8}\]", attempts[0]["label"])
     assert re.fullmatch(r"public-record \[\w{8}\]", attempts[1]["label"])  # no run name: the directory's
+    write_log(ours / "wider.txt", 2.95, 1000, steps=STEPS, val_every=VAL_EVERY, settings="seed=9, model_dim=2048")
+    attempts = plot.load_attempts([*sorted(ours.glob("gpt_[0-3].txt")), ours / "wider.txt"])
+    assert [len(a["runs"]) for a in attempts] == [4, 1]
+    assert [a["label"][-10:] for a in attempts] == ["settings 1", "settings 2"]  # same script and run name
 
 
 def test_single_run_and_identical_runs_have_no_p_value(tmp_path):
