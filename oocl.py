@@ -155,7 +155,12 @@ def parse_args(argv):
     preset = parser.parse_known_args(argv)[0].preset  # the preset's values become the defaults
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    namespace = vars(parser.parse_args(argv))
+    namespace, extras = parser.parse_known_args(argv)
+    if "sweep" in extras:
+        die("`sweep` must come first: python oocl.py sweep [flags]")
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    namespace = vars(namespace)
     namespace.pop("_given", None)
     namespace.pop("preset")
     args = Hyperparameters(**namespace)
@@ -186,28 +191,48 @@ def validate(args, mode):
         for h in getattr(args, name):
             if not 0.0 <= h < 1.0:
                 die(f"--{name} must be a fraction in [0, 1) (at least one pair must stay in training), got {h}")
+            held, pairs = held_out_pairs(args.p, h)  # what the split will hold out
+            if h > 0 and not 0 < held < pairs:
+                die(f"--{name} {h:g} holds out {held} of the {pairs} pairs {{x, y}} of table {name[-1]} at --p "
+                    f"{args.p} (floor({h:g} * {pairs})) and trains on {pairs - held}; each side needs at least one "
+                    f"pair: use a fraction in [{math.ceil(1000 / pairs) / 1000:g}, 1) or a larger --p"
+                    + (", or 0 to hold out none" if name == "holdout2" else ""))
     if 0.0 in args.holdout1:
         die("--holdout1 0 holds out no table-1 pair, so there is nothing to test on; use a fraction in (0, 1)")
     if len(args.k) % 3:
         die(f"--k takes the three loss weights k1 k2 k3 (a sweep: several triples), got {len(args.k)} values: {args.k}")
     for triple in k_triples(args):
-        if any(w < 0 for w in triple):
-            die(f"loss weights must be >= 0, got {triple}")
+        if not all(0 <= w < math.inf for w in triple):
+            die(f"loss weights must be finite and >= 0, got {triple}")
         if not any(w > 0 for w in triple):
             die(f"loss weights {triple} are all zero: nothing would be trained; set at least one of k1 k2 k3 > 0")
     if mode == "single" and (len(args.holdout1), len(args.holdout2), len(args.k), len(args.seeds)) != (1, 1, 3, 1):
         die("a single run takes one --holdout1, one --holdout2, exactly three --k values and one --seed; "
             "for a grid use `python oocl.py sweep ...`")
+    for name, values in (("holdout1", args.holdout1), ("holdout2", args.holdout2), ("k", k_triples(args)),
+                         ("seeds", args.seeds)):
+        for v in values:
+            if values.count(v) > 1:
+                shown = " ".join(map(fmt, v)) if name == "k" else fmt(v)
+                times = "twice" if values.count(v) == 2 else "more than once"
+                die(f"--{name} lists {shown} {times}; list each once (a repeat trains the same runs again, and the "
+                    f"table would count them as further seeds)")
     if mode == "sweep" and args.hardwired:
         die("--hardwired is the control of a single run; a sweep adds it to every cell by itself (--controls)")
-    if args.model_dim % args.num_heads:
-        die(f"--model_dim {args.model_dim} must be divisible by --num_heads {args.num_heads}")
+    model = [f"--{name} must be >= 1, got {getattr(args, name)}"
+             for name in ("num_layers", "model_dim", "num_heads", "mlp_dim") if getattr(args, name) < 1]
+    if args.num_heads >= 1 and args.model_dim % args.num_heads:
+        model.append(f"--model_dim {args.model_dim} must be divisible by --num_heads {args.num_heads} "
+                     f"(every head gets model_dim / num_heads dimensions)")
+    if model:
+        die("; ".join(model))
     if not 0.0 <= args.cooldown_frac <= 1.0:
         die(f"--cooldown_frac must be in [0, 1], got {args.cooldown_frac}")
-    if not (args.lr > 0 and args.weight_decay >= 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        die(f"need --lr > 0, --weight_decay >= 0 and betas in [0, 1); got lr {args.lr}, weight_decay "
-            f"{args.weight_decay}, beta1 {args.beta1}, beta2 {args.beta2}")
-    for name in ("steps", "eval_every", "num_layers", "model_dim", "num_heads", "mlp_dim", "alias_groups"):
+    if not (0 < args.lr < math.inf and 0 <= args.weight_decay < math.inf
+            and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        die(f"need a finite --lr > 0, a finite --weight_decay >= 0 and betas in [0, 1); got lr {args.lr}, "
+            f"weight_decay {args.weight_decay}, beta1 {args.beta1}, beta2 {args.beta2}")
+    for name in ("steps", "eval_every", "alias_groups"):
         if getattr(args, name) < 1:
             die(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "patience", "max_runs_per_batch", "threads"):
@@ -313,10 +338,16 @@ def build_sequences(p, alias_groups=1, links_both_ways=False):
     return torch.cat(parts), group
 
 
+def held_out_pairs(p, holdout):
+    """(pairs held out, unordered pairs) of a table: floor(holdout * #unordered pairs {x, y})."""
+    n_pairs = p * (p + 1) // 2
+    return int(math.floor(holdout * n_pairs)), n_pairs
+
+
 def heldout_rows(p, holdout, generator):
-    """Boolean [p*p] mask of held-out table rows: floor(holdout * #unordered pairs) pairs, both orders."""
+    """Boolean [p*p] mask of held-out table rows: held_out_pairs(p, holdout) pairs, both orders."""
     xs, ys = torch.triu_indices(p, p)  # unordered pairs x <= y
-    n_held = int(math.floor(holdout * xs.numel()))
+    n_held = held_out_pairs(p, holdout)[0]
     pick = torch.randperm(xs.numel(), generator=generator)[:n_held]
     held = torch.zeros(p, p, dtype=torch.bool)
     held[xs[pick], ys[pick]] = True

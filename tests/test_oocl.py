@@ -177,6 +177,18 @@ def test_covered_and_uncovered_partition_the_held_out_table_1_pairs():
     (["--steps", "ten"], "argument --steps"),
     (["--compile", "1"], "argument --compile"),
     (["--quiet", "1"], "unrecognized arguments: 1"),  # a flag never swallows the next argument
+    (["--preset", "tiny", "sweep"], "`sweep` must come first: python oocl.py sweep [flags]"),
+    (["--num_heads", "0"], "--num_heads must be >= 1, got 0"),  # not a ZeroDivisionError
+    (["--p", "11", "--holdout1", "0.01"], "--holdout1 0.01 holds out 0 of the 66 pairs {x, y} of table 1 at --p 11"),
+    (["--p", "11", "--holdout2", "0.01"], "--holdout2 0.01 holds out 0 of the 66 pairs {x, y} of table 2 at --p 11"),
+    (["--k", "nan", "1", "1"], "loss weights must be finite and >= 0"),
+    (["--k", "1", "inf", "1"], "loss weights must be finite and >= 0"),
+    (["--lr", "inf"], "finite --lr > 0"),
+    (["--weight_decay", "inf"], "finite --weight_decay >= 0"),
+    (["sweep", "--k", "1", "0", "0", "1", "0", "0", "--seeds", "0", "0"], "--k lists 1 0 0 twice"),
+    (["sweep", "--seeds", "0", "0"], "--seeds lists 0 twice"),
+    (["sweep", "--holdout1", "0.5", "0.50"], "--holdout1 lists 0.5 twice"),
+    (["sweep", "--holdout2", "0.3", "0.3"], "--holdout2 lists 0.3 twice"),
 ])
 def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as err:
@@ -184,6 +196,32 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     assert err.value.code == 2
     stderr = capsys.readouterr().err
     assert message in stderr and "error" in stderr and "Traceback" not in stderr
+
+
+def test_model_dimensions_are_checked_in_one_error_listing_each_problem(capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        oocl.parse_args(["--num_layers", "0", "--model_dim", "10", "--num_heads", "4", "--mlp_dim", "0",
+                         "--log_dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1
+    for problem in ("--num_layers must be >= 1", "--mlp_dim must be >= 1",
+                    "--model_dim 10 must be divisible by --num_heads 4"):
+        assert problem in lines[0]
+
+
+def test_a_holdout_is_accepted_exactly_when_its_split_holds_out_a_pair(tmp_path):
+    """p = 11 has 66 pairs {x, y}: the check counts them as the split does (floor(holdout * 66))."""
+    p = 11
+    group = oocl.build_sequences(p)[1]
+    for h in (0.01, 0.015, 0.0151, 1 / 66, 0.0152, 0.02, 0.5, 0.99):
+        held = (~oocl.make_split(p, h, h, 0, group)[group == oocl.TABLE1]).sum().item()
+        argv = ["--p", str(p), "--holdout1", repr(h), "--holdout2", repr(h), "--log_dir", str(tmp_path)]
+        if held:
+            oocl.parse_args(argv)
+        else:
+            with pytest.raises(SystemExit):
+                oocl.parse_args(argv)
+    oocl.parse_args(["--p", str(p), "--holdout2", "0", "--log_dir", str(tmp_path)])  # 0: train on all of table 2
 
 
 def test_output_path_that_is_a_file_is_reported_before_training(tmp_path, capsys):
