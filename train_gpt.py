@@ -188,8 +188,10 @@ def check_config(args, world_size):
         (("in [0, 1]", lambda v: 0 <= v <= 1), ("cooldown_frac",)),
         (("in [0, 1)", lambda v: 0 <= v < 1), ("adam_beta1", "adam_beta2", "muon_momentum_start", "muon_momentum_end")),
     ]
-    problems = [f"{name}={getattr(args, name)} must be {rule}"
-                for (rule, holds), names in bounds for name in names if not holds(getattr(args, name))]
+    problems = [f"{field.name}={getattr(args, field.name)} must be a finite number" for field in
+                dataclasses.fields(args) if field.type is float and not math.isfinite(getattr(args, field.name))]
+    problems += [f"{name}={getattr(args, name)} must be {rule}" for (rule, holds), names in bounds for name in names
+                 if math.isfinite(getattr(args, name)) and not holds(getattr(args, name))]
     if os.sep in args.run_name or (os.altsep and os.altsep in args.run_name):
         problems.append(f"run_name={args.run_name!r} names a file in log_dir and cannot hold a path separator: "
                         "put folders into --log_dir")
@@ -609,7 +611,9 @@ def check_tokens(tokens, vocab_size, path):
     return tokens
 
 
-def find_shards(pattern, kind, args):
+def find_shards(args, kind):
+    """The shard files of --train_files (kind "train") or --val_files ("val"), sorted."""
+    pattern = getattr(args, f"{kind}_files")
     files = sorted(glob.glob(pattern))
     if not files:
         fallback = (" (the synthetic fallback applies only when neither --train_files nor --val_files is given)"
@@ -1063,7 +1067,7 @@ def main(argv):
                                 timeout=datetime.timedelta(minutes=30))
     # data and output paths first: a missing or corrupt file should fail before minutes of compilation
     data_note = use_synthetic_data(args, rank, world_size)
-    train_files, val_files = find_shards(args.train_files, "train", args), find_shards(args.val_files, "val", args)
+    train_files, val_files = find_shards(args, "train"), find_shards(args, "val")
     shared = sorted(set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)))
     if shared:
         raise UserError(f"{shared[0]} is both a train and a val shard ({len(shared)} shared): the validation loss "

@@ -292,7 +292,8 @@ def test_check_config_rejects_impossible_settings():
         tg.check_config(tg.Hyperparameters(val_seq_len=1000), 1)
     # out of range: each named, all at once, before the rules that divide by them (no ZeroDivisionError)
     bad = dict(micro_batches_per_step=0, attn_block_size=0, mlp_hidden=-1, muon_lr=-1.0, embed_lr=float("nan"),
-               cooldown_frac=1.5, logit_cap=0.0, adam_eps=-1.0, adam_beta1=1.0, num_value_embeds=-1, val_every=-1)
+               cooldown_frac=1.5, logit_cap=0.0, adam_eps=-1.0, adam_beta1=1.0, num_value_embeds=-1, val_every=-1,
+               head_lr=float("inf"))
     with pytest.raises(tg.UserError) as error:
         tg.check_config(tg.Hyperparameters(**bad), 1)
     for name, value in bad.items():
@@ -324,9 +325,9 @@ def test_no_shard_error_says_when_the_synthetic_fallback_is_off(tmp_path, monkey
     with pytest.raises(tg.UserError, match=r"no train shards match 'data/fineweb10B/fineweb_train_\*.bin' .* \(the "
                                            "synthetic fallback applies only when neither --train_files nor --val_files "
                                            "is given\)"):
-        tg.find_shards(args.train_files, "train", args)
+        tg.find_shards(args, "train")
     with pytest.raises(tg.UserError) as error:
-        tg.find_shards("data/fineweb10B/fineweb_train_*.bin", "train", tg.parse_args([]))  # no fallback asked for
+        tg.find_shards(tg.parse_args([]), "train")  # no fallback asked for
     assert "synthetic" not in str(error.value)
 
 
@@ -837,7 +838,7 @@ def test_corrupt_shards_are_named_with_the_problem(tiny_data, tmp_path, name, co
 
 def test_missing_shards_name_the_fetch_command(tmp_path):
     with pytest.raises(tg.UserError, match=r"python data/cached_fineweb10B.py N"):
-        tg.find_shards(str(tmp_path / "nothing_*.bin"), "train", tg.Hyperparameters())
+        tg.find_shards(tg.Hyperparameters(train_files=str(tmp_path / "nothing_*.bin")), "train")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
