@@ -13,12 +13,22 @@ set -euo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 FOLDER [train_icot.py arguments ...]" >&2; exit 2; }
 folder=$1
 shift
+
+# Does a log of the folder (plain or gzipped, as committed logs are) say the stage finished?
+finished() {
+    local log
+    for log in "$1"/*.txt "$1"/*.txt.gz; do
+        [[ -f "$log" ]] && zgrep -q "^stage $2 done" "$log" && return 0
+    done
+    return 1
+}
+
 for stage in ${STAGES:-teacher nocot}; do
     for lr in ${LRS:-1e-3 3e-3 1e-2}; do
         for mult in ${MULTS:-1 10}; do
             for wd in ${WDS:-0 0.1}; do
                 logs="$folder/logs/${stage}_lr${lr}_emb${mult}_wd${wd}"
-                if grep -qs "^stage $stage done" "$logs"/*.txt; then
+                if finished "$logs" "$stage"; then
                     echo "done already: $logs"
                     continue
                 fi

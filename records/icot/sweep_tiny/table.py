@@ -1,19 +1,21 @@
 """Table of a sweep: final validation loss and exact match per run (from each run's log in FOLDER/logs/<stage>_lr<lr>_
-emb<mult>_wd<wd>/), best first per stage. FOLDER: this sweep's folder by default.
+emb<mult>_wd<wd>/, plain or gzipped), best first per stage. FOLDER: this sweep's folder by default.
 
     python records/icot/sweep_tiny/table.py [records/icot/sweep_nocot_3x3]
 """
 import glob
+import gzip
 import os
 import re
 import sys
 
 folder = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 rows = []
-for log in glob.glob(os.path.join(folder, "logs", "*", "*.txt")):
+for log in glob.glob(os.path.join(folder, "logs", "*", "*.txt")) + glob.glob(os.path.join(folder, "logs", "*", "*.txt.gz")):
     name = os.path.basename(os.path.dirname(log))
     stage, lr, mult, wd = re.fullmatch(r"(\w+?)_lr(\S+)_emb(\S+)_wd(\S+)", name).groups()
-    final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", open(log).read(), re.M)
+    text = (gzip.open if log.endswith(".gz") else open)(log, "rt").read()
+    final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", text, re.M)
     steps, loss, accuracy = final[-1]
     rows.append((stage, float(loss), float(lr), float(mult), float(wd), float(accuracy), int(steps)))
 print("| stage | lr | embed lr mult | weight decay | steps | val loss | val exact match |")
