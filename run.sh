@@ -15,7 +15,8 @@
 #                            GPU: then it shows an NPROC-GPU node, default 8)
 #
 # Set-up on a fresh node: installs requirements.txt when torch/numpy/tiktoken/triton do not import,
-# and for scripts named train_gpt.py downloads the FineWeb shards that are missing. The script runs
+# and for scripts named train_gpt.py downloads the FineWeb shards that are missing (not with --preset tiny
+# or with both --train_files and --val_files: such runs do not read them). The script runs
 # with the repository root (the directory of this file) as working directory, so data/ and logs/
 # are the repository's wherever the script was copied to.
 set -euo pipefail
@@ -132,7 +133,25 @@ elif ! "$PYTHON" -c "import torch, numpy, tiktoken, triton" >/dev/null 2>&1; the
     "$PYTHON" -c "import torch, numpy, tiktoken, triton" \
         || die "torch, numpy, tiktoken and triton still do not import after installing requirements.txt"
 fi
-if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]]; then
+# FineWeb is fetched only for a run that reads it from the default paths: not for other shards
+# (--train_files and --val_files) nor for the tiny preset (it trains on a synthetic set when FineWeb is missing).
+fetch_reason=""
+own_train=0
+own_val=0
+previous=""
+for arg in "$@"; do
+    case "$arg" in
+        --train[_-]files*) own_train=1 ;;
+        --val[_-]files*) own_val=1 ;;
+        --preset=tiny) fetch_reason="--preset tiny" ;;
+        tiny) [[ "$previous" == --preset ]] && fetch_reason="--preset tiny" ;;
+    esac
+    previous="$arg"
+done
+if (( own_train && own_val )); then fetch_reason="the run names its own train and val shards"; fi
+if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py && -n "$fetch_reason" ]]; then
+    echo "run.sh: not fetching FineWeb: $fetch_reason"
+elif [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]]; then
     FINEWEB_TRAIN_SHARDS="${FINEWEB_TRAIN_SHARDS:-30}"
     [[ "$FINEWEB_TRAIN_SHARDS" =~ ^[0-9]+$ ]] \
         || die "FINEWEB_TRAIN_SHARDS must be a number of shards, got '$FINEWEB_TRAIN_SHARDS'"

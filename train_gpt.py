@@ -176,6 +176,18 @@ def parse_args(argv):
     return Hyperparameters(**{**PRESETS[given.pop("preset", "full")], **given})
 
 
+def preset_note(argv):
+    """The log line naming what a --preset set (None without one): a default edited in a copy of this script does
+    not reach a run whose preset sets that value."""
+    given = vars(build_parser().parse_args(argv))
+    name = given.pop("preset", "full")
+    applied = {key: value for key, value in PRESETS[name].items() if key not in given}
+    if not applied:
+        return None
+    return (f"preset {name} sets " + ", ".join(f"{key}={value!r}" for key, value in applied.items())
+            + f" over the defaults of Hyperparameters; to change one, pass its flag or edit PRESETS[{name!r}]")
+
+
 def check_config(args, world_size):
     """Impossible configurations end here, before any process group or data is touched."""
     bounds = [  # checked first: the rules below divide by some of these
@@ -635,7 +647,8 @@ def use_synthetic_data(args, rank, world_size):
     args.val_files = f"{SYNTHETIC_DIR}/synthetic_val_*.bin"
     command = [sys.executable, "data/synthetic.py", "--out", SYNTHETIC_DIR, "--train_tokens", "2000000",
                "--val_tokens", "65536", "--shard_tokens", "1000000", "--seed", "0"]
-    if rank == 0 and not (glob.glob(args.train_files) and glob.glob(args.val_files)):
+    complete = lambda: glob.glob(args.train_files) and glob.glob(args.val_files)
+    if rank == 0 and not complete():
         if not os.path.exists("data/synthetic.py"):
             raise UserError(f"no shards at {DEFAULT_FILES[0]!r} and no data/synthetic.py to write a synthetic set: run "
                             f"from the repository root, or {FETCH_HINT}")
@@ -643,8 +656,11 @@ def use_synthetic_data(args, rank, world_size):
         result = subprocess.run([*command[:3], partial, *command[4:]], capture_output=True, text=True)
         if result.returncode != 0:
             raise UserError(f"writing the synthetic set failed ({' '.join(command[1:])}): {result.stderr.strip()[-500:]}")
-        shutil.rmtree(SYNTHETIC_DIR, ignore_errors=True)
-        os.rename(partial, SYNTHETIC_DIR)
+        if complete():  # runs started side by side: another one finished the same set first and may be reading it
+            shutil.rmtree(partial)
+        else:
+            shutil.rmtree(SYNTHETIC_DIR, ignore_errors=True)  # an incomplete set left by hand
+            os.rename(partial, SYNTHETIC_DIR)
     if world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's shards
     return (f"no FineWeb shards at {DEFAULT_FILES[0]}: training on the synthetic set {SYNTHETIC_DIR}/ "
@@ -1083,14 +1099,17 @@ def main(argv):
     log(f"Python {platform.python_version()}\nPyTorch {torch.__version__}\nCUDA {torch.version.cuda or 'none'}")
     log(gpu_list(use_cuda))
     log("=" * 100)
+    # what the run ran on, in one line: run times of different hardware are not one sample
+    log(f"world_size:{world_size} device:{torch.cuda.get_device_name(device) if use_cuda else 'cpu'}")
     if args.seed < 0:  # a fresh seed per run, shared by all ranks
         seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)
         if world_size > 1:
             dist.broadcast(seed, 0)
         args.seed = int(seed)
     log(repr(args))
-    if data_note:
-        log(data_note)
+    for note in (preset_note(argv), data_note):
+        if note:
+            log(note)
     compile_model = args.compile == "true" or (args.compile == "auto" and use_cuda)
 
     torch.manual_seed(args.seed)

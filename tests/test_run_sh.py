@@ -145,6 +145,18 @@ def test_arguments_pass_through_unchanged(repo):
     assert torchrun_args(repo.run("--preset", "tiny"))[2:] == [str(repo.root / "train_gpt.py"), "--preset", "tiny"]
 
 
+@pytest.mark.parametrize("args, reason", [
+    (["--preset", "tiny"], "--preset tiny"), (["--seed=2", "--preset=tiny"], "--preset tiny"),
+    (["--train_files=mine/*.bin", "--val-files", "mine/val.bin"], "the run names its own train and val shards"),
+])
+def test_no_fineweb_fetch_for_runs_that_do_not_read_it(repo, args, reason):
+    result = repo.run(*args)
+    assert "cached_fineweb10B" not in result.stdout and f"run.sh: not fetching FineWeb: {reason}\n" in result.stdout
+    assert torchrun_args(result)[2:] == [str(repo.root / "train_gpt.py"), *args]
+    for reads_fineweb in (["--preset", "full"], ["--train_files=mine/*.bin"], ["--val_files=mine/val.bin"]):
+        assert "cached_fineweb10B.py 30\n" in repo.run(*reads_fineweb).stdout
+
+
 def test_copied_script_from_any_directory(repo, tmp_path):
     attempt = repo.root / "records" / "gpt2-medium" / "2026-11-22_idea"
     attempt.mkdir(parents=True)

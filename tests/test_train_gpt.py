@@ -69,14 +69,15 @@ def val_losses(log_text):
     return [(int(s), float(v)) for s, v in re.findall(r"^step:(\d+)/\d+ val_loss:(\d+\.\d+) ", log_text, re.M)]
 
 
-def check_log_format(log_text):
+def check_log_format(log_text, world_size):
     script_text = SCRIPT.read_text()
     assert log_text.startswith(script_text)
     rest = log_text[len(script_text):].lstrip("\n").splitlines()
     assert rest[0] == "=" * 100
     assert re.fullmatch(r"Python \d+\.\d+\.\d+", rest[1]) and rest[2].startswith("PyTorch ") and rest[3] == "CUDA none"
     assert "no GPU (CPU run)" in rest[4] and rest[5] == "=" * 100
-    assert rest[6].startswith("Hyperparameters(")
+    assert rest[6] == f"world_size:{world_size} device:cpu"  # what the run ran on: ttest.py groups run times by it
+    assert rest[7].startswith("Hyperparameters(")
     train_lines = [line for line in rest if re.fullmatch(r"step:\d+/\d+ train_time:\d+ms step_avg:\d+\.\d\dms", line)]
     assert [int(line.split("/")[0][5:]) for line in train_lines] == list(range(1, STEPS + 1))
     val_lines = [line for line in rest if "val_loss" in line]
@@ -106,7 +107,7 @@ def tiny_runs(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("name", ["single", "ddp"])
 def test_tiny_run_logs_and_learns(tiny_runs, name):
     run = tiny_runs[name]
-    check_log_format(run["log"])
+    check_log_format(run["log"], world_size={"single": 1, "ddp": 2}[name])
     losses = val_losses(run["log"])
     assert [s for s, _ in losses] == [0, VAL_EVERY, STEPS]
     assert losses[0][1] == pytest.approx(np.log(TEST_VOCAB), abs=0.01)  # zero-initialised head: uniform prediction
@@ -161,6 +162,7 @@ def test_tiny_preset_without_shards_writes_a_synthetic_set_once(tmp_path, monkey
     note = ("no FineWeb shards at data/fineweb10B/fineweb_train_*.bin: training on the synthetic set "
             "data/synthetic_tiny/ (written once by `python data/synthetic.py --out data/synthetic_tiny")
     assert result.stdout.count(note) == 1 and note in read_log(tmp_path)
+    assert "\npreset tiny sets num_layers=6, model_dim=64," in read_log(tmp_path)
     losses = val_losses(read_log(tmp_path))
     assert [s for s, _ in losses] == [0, 3] and losses[1][1] < losses[0][1] - 0.1  # measured: 10.83 -> 10.59
     shards = sorted((tmp_path / "data" / "synthetic_tiny").glob("*.bin"))
@@ -175,6 +177,49 @@ def test_tiny_preset_without_shards_writes_a_synthetic_set_once(tmp_path, monkey
     (tmp_path / "data" / "fineweb10B" / "fineweb_train_000001.bin").write_bytes(b"")
     args = tg.parse_args(["--preset=tiny"])
     assert tg.use_synthetic_data(args, rank=0, world_size=1) is None and args == tg.parse_args(["--preset=tiny"])
+
+
+def test_runs_started_side_by_side_share_one_synthetic_set(tmp_path, monkeypatch):
+    """Two fresh tiny runs both write the synthetic set: the one that finishes second keeps the first one's set
+    (which that run is reading) and discards its own."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic.py").write_text("")
+
+    def write_set(folder, name):
+        folder.mkdir()
+        for kind in ("train_000001", "val_000000"):
+            (folder / f"synthetic_{kind}.bin").write_text(name)
+
+    def finished_second(command, **kwargs):  # this run writes its set; meanwhile another run completes its own
+        write_set(tmp_path / command[3], "mine")
+        write_set(tmp_path / tg.SYNTHETIC_DIR, "other")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(tg.subprocess, "run", finished_second)
+    assert tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
+    assert {p.read_text() for p in (tmp_path / tg.SYNTHETIC_DIR).iterdir()} == {"other"}
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]  # no partial left
+
+    def finished_alone(command, **kwargs):
+        write_set(tmp_path / command[3], "mine")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    shutil.rmtree(tmp_path / tg.SYNTHETIC_DIR)
+    (tmp_path / tg.SYNTHETIC_DIR).mkdir()  # an incomplete set (a val shard deleted by hand) is replaced
+    (tmp_path / tg.SYNTHETIC_DIR / "synthetic_train_000001.bin").write_text("stale")
+    monkeypatch.setattr(tg.subprocess, "run", finished_alone)
+    assert tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
+    assert {p.read_text() for p in (tmp_path / tg.SYNTHETIC_DIR).iterdir()} == {"mine"}
+
+
+def test_the_log_names_the_values_a_preset_set():
+    """A copy of the script with an edited default still runs the preset's value: the log says which values the
+    preset set, so the edit's absence is visible."""
+    note = tg.preset_note(["--preset=tiny", "--num_layers=3"])
+    assert note.startswith("preset tiny sets model_dim=64, num_heads=2,") and "num_layers" not in note
+    assert "edit PRESETS['tiny']" in note
+    assert tg.preset_note([]) is None and tg.preset_note(["--num_layers=3"]) is None
 
 
 def test_nan_loss_stops_the_run_with_one_error(tiny_data, tmp_path):
