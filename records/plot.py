@@ -99,6 +99,7 @@ def summary(attempt, threshold):
         return row
     losses = [loss for loss, _ in results]
     final_steps = [run["evals"][-1][0] for run in attempt["runs"] if finished(run)]
+    row["hardware"] = len({run["hardware"] for run in attempt["runs"] if finished(run)})  # times pool on one only
     row.update({"mean_loss": float(np.mean(losses)), "std": ttest.basic_stats(losses)["Std"],
                 "mean_minutes": float(np.mean([seconds for _, seconds in results])) / 60,
                 "ms_per_step": float(np.mean([1000 * seconds / steps for (_, seconds), steps
@@ -121,7 +122,8 @@ def format_table(rows, threshold):
             continue
         p_text = f"{row['p_value']:.3g}" if row["p_value"] is not None else f"n/a ({row['no_p_value']})"
         lines.append(f"{row['attempt']:<28} {row['runs']:>4} {row['unfinished']:>10} {row['mean_loss']:>13.6f} "
-                     f"{row['std']:>9.6f} {row['mean_minutes']:>8.2f} m {row['ms_per_step']:>8.2f}  {p_text}")
+                     f"{row['std']:>9.6f} {row['mean_minutes']:>8.2f} m {row['ms_per_step']:>8.2f}  {p_text}"
+                     + (f"  (times mix {row['hardware']} hardware set-ups)" if row["hardware"] > 1 else ""))
     return "\n".join(lines)
 
 

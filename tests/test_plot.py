@@ -175,3 +175,13 @@ def test_user_errors(logs, tmp_path, capsys):
                           (["--out", str(tmp_path / "file" / "x.png")], "cannot create"),
                           (["--baseline", str(tmp_path / "nope")], "nope does not exist")]:
         assert_user_error(capsys, plot.main, [str(ours), *argv], message)
+
+
+def test_table_flags_run_times_of_mixed_hardware(logs):
+    ours, _ = logs
+    row = plot.summary(plot.load_attempts([ours])[0], 2.92)
+    assert "hardware" not in plot.format_table([row], 2.92)
+    write_log(ours / "gpt_0.txt", OURS[0], OURS_MS[0], steps=STEPS, val_every=VAL_EVERY, curve=curve(OURS[0]),
+              hardware="world_size:1 device:NVIDIA H100 80GB HBM3")  # one run on one GPU, the others unlogged
+    row = plot.summary(plot.load_attempts([ours])[0], 2.92)
+    assert plot.format_table([row], 2.92).endswith("  (times mix 2 hardware set-ups)")

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,14 @@ SCRIPT_TEXT = '"""Logs lines such as\nstep:10/10 val_loss:0.1234 train_time:5ms 
 
 
 def write_log(path, val_loss=None, train_time_ms=0, steps=5690, last_step=None, val_every=125, script=SCRIPT_TEXT,
-              run_name="gpt", curve=lambda step: 3.5, settings="seed=7, log_dir='logs'"):
+              run_name="gpt", curve=lambda step: 3.5, settings=None, hardware=None):
     """A log in the shared format; val_loss=None or last_step < steps gives an unfinished run; curve(step) is
-    the val_loss of the evaluations before the last step."""
+    the val_loss of the evaluations before the last step. By default each path logs a seed of its own, as
+    train_gpt.py draws one per run."""
     last_step = steps if last_step is None else last_step
+    settings = f"seed={zlib.crc32(str(path).encode())}, log_dir='logs'" if settings is None else settings
     lines = [script, "=" * 100, "Python 3.12.3", "PyTorch 2.7.0", "CUDA 12.6", "8x H100", "=" * 100,
-             f"Hyperparameters(num_iterations={steps}, run_name='{run_name}', {settings})",
+             *([hardware] if hardware else []), f"Hyperparameters(num_iterations={steps}, run_name='{run_name}', {settings})",
              f"step:0/{steps} val_loss:10.8258 train_time:0ms step_avg:nanms"]
     for step in range(1, last_step + 1):
         ms = round(train_time_ms * step / steps)
@@ -247,3 +250,116 @@ def test_identical_losses_are_a_clear_error_not_infinite_t(tmp_path, capsys):
                       "\\(t would be infinite\\)")
     with pytest.raises(ValueError, match="zero variance"):
         ttest.one_sided_ttest([2.93, 2.93], threshold=2.92, alpha=0.05)
+
+
+def test_a_log_copied_under_two_names_is_an_error(tmp_path, capsys):
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"r{i}.txt", loss, 1000, steps=4)
+    assert "over 2 runs" in run_main(capsys, tmp_path, tmp_path / "r0.txt")  # the same path twice: read once
+    (tmp_path / "r0_copy.txt").write_bytes((tmp_path / "r0.txt").read_bytes())
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], r"error: \S*r0.txt and \S*r0_copy.txt have identical "
+                                                             r"content: .* Keep one of them")
+    (tmp_path / "r0_copy.txt").unlink()
+    for name in ("crashed.txt", "crashed_copy.txt"):  # not counted, so a copy changes nothing
+        write_log(tmp_path / name, steps=4, last_step=2, settings="seed=3")
+    assert "over 2 runs" in run_main(capsys, tmp_path)
+
+
+def test_runs_with_one_seed_are_an_error(tmp_path, capsys):
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4, settings=f"seed=3, log_dir='logs/{i}'")
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], r"error: \S*a0.txt and \S*a1.txt both ran seed=3 with one "
+                                                             r"script and settings: .*--seed N per run.*-1")
+    assert [run["seed"] for run in ttest.read_runs([tmp_path / "a0.txt"])] == [3]
+    for unlogged in ("log_dir='logs'", "seed=-1"):  # no seed, or not the one that ran: nothing to check
+        for i, loss in enumerate([2.918, 2.919]):
+            write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4, settings=unlogged)
+        assert "over 2 runs" in run_main(capsys, tmp_path)
+    # One seed across configurations is not one run twice (pooled only with --allow_mixed)
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4, settings=f"seed=3, muon_lr=0.0{i + 2}")
+    assert "over 2 runs" in run_main(capsys, tmp_path, "--allow_mixed")
+
+
+ATTEMPT_LOSSES = [7.812, 7.797, 7.805, 7.821]  # tiny preset on a CPU: the 2.92 threshold means nothing
+BASELINE_LOSSES = [7.84, 7.861, 7.829, 7.852, 7.835]
+
+
+@pytest.fixture
+def attempt_and_baseline(tmp_path):
+    for side, losses in [("attempt", ATTEMPT_LOSSES), ("baseline", BASELINE_LOSSES)]:
+        (tmp_path / side).mkdir()
+        for i, loss in enumerate(losses):
+            write_log(tmp_path / side / f"r{i}.txt", loss, 60_000 + i, steps=4, run_name=f"gpt_tiny_{side}")
+    return tmp_path / "attempt", tmp_path / "baseline"
+
+
+def test_baseline_welch_test_matches_the_textbook_formula(attempt_and_baseline, capsys):
+    attempt, baseline = attempt_and_baseline
+    out = run_main(capsys, attempt, "--baseline", baseline)
+    assert "over 4 runs:\n[7.812, 7.797, 7.805, 7.821]" in out and "NOT MET" in out  # the threshold test stays
+    assert re.search(r"\nbaseline used    \S+r0.txt: val_loss 7.84 ", out)
+    baseline_section = out.split("Baseline final validation losses")[1]
+    assert " over 5 runs:\n[7.84, 7.861, 7.829, 7.852, 7.835]\n" in baseline_section
+    assert float(printed(baseline_section, "Mean")) == pytest.approx(np.mean(BASELINE_LOSSES), rel=1e-15)
+    assert float(printed(baseline_section, "Std")) == pytest.approx(np.std(BASELINE_LOSSES), rel=1e-12)
+    welch = out.split("One-sided Welch t-test")[1]
+    a, b = np.array(ATTEMPT_LOSSES), np.array(BASELINE_LOSSES)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t_stat = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    assert float(printed(welch, "mean_difference")) == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    assert float(printed(welch, "t_stat")) == pytest.approx(t_stat, rel=1e-12)
+    assert float(printed(welch, "df")) == pytest.approx(df, rel=1e-12)
+    assert float(printed(welch, "p_value")) == pytest.approx(stats.t.cdf(t_stat, df), rel=1e-10)
+    assert printed(welch, "n") == "4" and printed(welch, "baseline_n") == "5"
+    assert "'decision': 'REJECT H0 (mean < baseline mean)'" in welch
+    swapped = run_main(capsys, baseline, "--baseline", attempt).split("One-sided Welch t-test")[1]
+    assert float(printed(swapped, "p_value")) == pytest.approx(1 - stats.t.cdf(t_stat, df), rel=1e-10)
+    assert "'decision': 'FAIL TO REJECT H0'" in swapped
+
+
+def test_baseline_errors_come_before_any_statistics(attempt_and_baseline, capsys):
+    attempt, baseline = attempt_and_baseline
+    write_log(attempt / "crashed.txt", steps=4, last_step=2, run_name="gpt_tiny_attempt")
+    both_sides = r"--baseline: \S*{} is given both as an attempt log and as a baseline log"
+    for argv, message in [
+            ([attempt, "--baseline", baseline, attempt / "crashed.txt"], both_sides.format("crashed.txt")),
+            ([attempt, baseline / "r0.txt", "--baseline", baseline], both_sides.format("r0.txt")),
+            ([attempt, "--baseline", baseline, "--baseline", attempt / "r0.txt"], "--baseline given twice"),
+            ([attempt, "--baseline", baseline, baseline / "nope"], r"--baseline: \S*nope does not exist")]:
+        assert_user_error(capsys, ttest.main, [str(arg) for arg in argv], message)
+    (baseline / "r0_copy.txt").write_bytes((attempt / "r0.txt").read_bytes())  # a copy on each side
+    assert_user_error(capsys, ttest.main, [str(attempt), "--baseline", str(baseline)],
+                      "--baseline: the logs come from 2 different scripts or configurations")
+    assert_user_error(capsys, ttest.main, [str(attempt), "--allow_mixed", "--baseline", str(baseline)],
+                      r"--baseline: \S*attempt/r0.txt and \S*baseline/r0_copy.txt have identical content")
+    (baseline / "r0_copy.txt").unlink()
+    for i in range(1, 5):
+        write_log(baseline / f"r{i}.txt", 7.84 if i < 3 else None, 1000, steps=4, run_name="gpt_tiny_baseline")
+    with pytest.raises(SystemExit):  # losses 7.84, 7.84, 7.84 (two unfinished): the Welch test is undefined
+        ttest.main([str(attempt), "--baseline", str(baseline)])
+    out, err = capsys.readouterr()
+    assert "--baseline: all 3 final val losses are 7.84: with zero variance" in err and "Basic stats" not in out
+    (baseline / "r1.txt").unlink()
+    (baseline / "r2.txt").unlink()
+    assert_user_error(capsys, ttest.main, [str(attempt), "--baseline", str(baseline)],
+                      r"--baseline: a t-test needs at least 2 finished runs, got 1 \(2 skipped\); run more seeds of "
+                      r"the baseline")
+
+
+def test_run_times_of_different_hardware_are_not_pooled(tmp_path, capsys):
+    """Losses of one configuration pool across hardware (the same math); run times do not: one set of time
+    stats per `world_size:N device:NAME` line."""
+    gpu, cpu = "world_size:8 device:NVIDIA H100 80GB HBM3", "world_size:1 device:cpu"
+    for name, loss, ms, setup in (("a", 2.915, 1400000, gpu), ("b", 2.918, 1410000, gpu), ("c", 2.917, 20000, cpu),
+                                  ("d", 2.916, 22000, cpu)):
+        write_log(tmp_path / f"{name}.txt", loss, ms, hardware=setup)
+    out = run_main(capsys, tmp_path)
+    assert "over 4 runs" in out and "The runs ran on 2 different hardware set-ups" in out
+    assert f"Run times in seconds on {gpu}:\n[1400.0, 1410.0]" in out and f"Run times in seconds on {cpu}:\n[20.0, 22.0]" in out
+    assert f"Basic stats of the run times on {gpu} (Std = population std, ddof=0):\n  Mean: 1405.0" in out
+    for name in "cd":
+        write_log(tmp_path / f"{name}.txt", 2.91, 1420000, hardware=gpu)
+    out = run_main(capsys, tmp_path)
+    assert "hardware set-ups" not in out and "Run times in seconds:\n[1400.0, 1410.0, 1420.0, 1420.0]" in out
