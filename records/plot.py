@@ -190,8 +190,16 @@ def _set_limits(axes, attempts, threshold):
         if any(map(finished, runs)) else max_minutes
     for row, start_fraction in ((axes[0], 0.1), (axes[1], 1 - ZOOM_FRACTION)):
         start_step = start_fraction * total_steps
-        shown = np.concatenate([curve[2][curve[0] >= start_step] for curve in curves] + [[threshold]])
+        shown = np.concatenate([curve[2][curve[0] >= start_step] for curve in curves])
         shown = shown[np.isfinite(shown)]
+        # The top row always shows the target; the zoom only when it is near the curves (a tiny CPU run ends near
+        # 7.8: with the 2.92 target in view its curves would be one line)
+        span = shown.max() - shown.min() if len(shown) else 0.0
+        if row is axes[0] or not len(shown) or shown.min() - 2 * span <= threshold <= shown.max() + 2 * span:
+            shown = np.append(shown, threshold)
+        else:
+            for ax in row:
+                ax.set_title(f"(target {threshold} out of view)", loc="right", fontsize=9)
         margin = 0.05 * (shown.max() - shown.min()) + 1e-4
         for ax in row:
             ax.set_ylim(shown.min() - margin, shown.max() + margin)

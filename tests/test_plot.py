@@ -104,6 +104,20 @@ def test_curves_are_the_logged_evaluations(logs, tmp_path):
     assert fig.axes[2].get_xlim()[0] == pytest.approx(0.8 * min(OURS_MS) / 60_000)  # the fastest run's last 20%
     assert fig.axes[2].get_xlim()[1] >= max(PUBLIC_MS) / 60_000
     assert fig.axes[3].get_ylim()[1] < curve(2.9, 0.2)(0.8 * STEPS)  # zoomed in on the loss too
+    assert all(ax.get_ylim()[0] < 2.92 < ax.get_ylim()[1] for ax in fig.axes)  # the target near the curves: in view
+
+
+def test_zoom_leaves_out_a_far_target(tmp_path):
+    """Tiny CPU runs end near 7.8: the zoomed panels show their curves, not the 2.92 target (the top row does)."""
+    for i, final in enumerate((7.78, 7.80, 7.76)):
+        write_log(tmp_path / f"tiny_{i}.txt", final, 20_000, steps=STEPS, val_every=VAL_EVERY, curve=curve(final))
+    fig = plot.plot_attempts(plot.load_attempts([tmp_path]), 2.92, tmp_path / "out.png")
+    top, zoom = fig.axes[:2], fig.axes[2:]
+    assert all(ax.get_ylim()[0] < 2.92 for ax in top)
+    assert all(7.7 < ax.get_ylim()[0] < 7.76 for ax in zoom)
+    assert [ax.get_title(loc="right") for ax in zoom] == ["(target 2.92 out of view)"] * 2
+    fig = plot.plot_attempts(plot.load_attempts([tmp_path]), 7.79, tmp_path / "out.png")
+    assert all(ax.get_ylim()[0] < 7.76 and ax.get_ylim()[1] > 7.79 for ax in fig.axes[2:])
 
 
 def test_unfinished_run_is_drawn_marked_and_not_counted(logs, tmp_path):
