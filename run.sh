@@ -87,6 +87,9 @@ Without a GPU, run the CPU smoke configurations of the same code instead:
   python train_icot.py all --preset tiny
   python oocl.py --preset tiny
 EOF
+        if [[ $# -gt 0 && "$1" == *.py ]]; then
+            echo "A copied script runs the same way, from the repository root: python $1 --preset tiny" >&2
+        fi
         exit 1
     fi
 fi

@@ -96,6 +96,10 @@ def test_no_gpu_stops_with_cpu_smoke_commands(repo, gpus, env, reason):
                     "python oocl.py --preset tiny"):
         assert command in result.stderr
     assert repo.calls() == []  # nothing installed, downloaded or launched
+    assert "copied script" not in result.stderr
+    copy = "records/gpt2-medium/2026-11-22_idea/train_gpt.py"
+    result = repo.run(copy, "--seed=1", gpus=gpus, dry_run=False, **env)
+    assert result.returncode != 0 and f"from the repository root: python {copy} --preset tiny\n" in result.stderr
 
 
 @pytest.mark.parametrize("gpus, env", [(None, {}), (0, {}), (2, {"CUDA_VISIBLE_DEVICES": ""})])
