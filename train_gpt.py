@@ -656,11 +656,14 @@ def use_synthetic_data(args, rank, world_size):
         result = subprocess.run([*command[:3], partial, *command[4:]], capture_output=True, text=True)
         if result.returncode != 0:
             raise UserError(f"writing the synthetic set failed ({' '.join(command[1:])}): {result.stderr.strip()[-500:]}")
-        if complete():  # runs started side by side: another one finished the same set first and may be reading it
-            shutil.rmtree(partial)
-        else:
-            shutil.rmtree(SYNTHETIC_DIR, ignore_errors=True)  # an incomplete set left by hand
-            os.rename(partial, SYNTHETIC_DIR)
+        try:
+            os.rename(partial, SYNTHETIC_DIR)  # fails where the folder is there (and not empty)
+        except OSError:
+            if complete():  # runs started side by side: another one finished the same set first and may read it
+                shutil.rmtree(partial)
+            else:  # an incomplete set, left by hand
+                shutil.rmtree(SYNTHETIC_DIR)
+                os.rename(partial, SYNTHETIC_DIR)
     if world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's shards
     return (f"no FineWeb shards at {DEFAULT_FILES[0]}: training on the synthetic set {SYNTHETIC_DIR}/ "
