@@ -71,6 +71,7 @@ class Hyperparameters:
     eval_every: int = 100
     log_dir: str = "logs"
     out_dir: str = "logs/oocl_sweep"  # sweep table, CSVs and plots (records/ only when pointed there)
+    overwrite: bool = field(default=False, repr=False)  # sweep: replace the outputs an earlier sweep left in --out_dir
     # execution
     max_runs_per_batch: int = 0       # 0 = the whole grid (or its share of one rank) at once
     threads: int = 0                  # torch CPU threads (0 = torch's default)
@@ -161,15 +162,48 @@ def parse_args(argv):
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     namespace = vars(namespace)
-    namespace.pop("_given", None)
+    given = namespace.pop("_given", set())
     namespace.pop("preset")
     args = Hyperparameters(**namespace)
-    validate(args, mode)
+    validate(args, mode, given)
     return mode, args
 
 
 def is_prime(n):
     return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def repository_root():
+    """The checkout this script belongs to: the nearest folder at or above it that holds records/ (a copy in
+    records/oocl/<attempt>/ belongs to the checkout above it), or None for a copy outside any checkout."""
+    folder = os.path.dirname(os.path.realpath(__file__))
+    while not os.path.isdir(os.path.join(folder, "records")):
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def script_path():
+    """This script as a sweep's table names it: relative to the checkout's root (oocl.py, or a copy's
+    records/oocl/<attempt>/oocl.py, so a copy's results are not taken for the original's), absolute outside one."""
+    root, path = repository_root(), os.path.realpath(__file__)
+    return os.path.relpath(path, root) if root else path
+
+
+def check_defaults_outside_records(args, mode, given):
+    """Default output paths follow the working directory: run from inside records/ (a copy from its own folder)
+    they would put untracked logs there. records/ gets only what a user points there on purpose."""
+    root = repository_root()
+    if root is None:
+        return
+    records = os.path.join(root, "records")
+    inside = [name for name in ["log_dir"] + ["out_dir"] * (mode == "sweep") if name not in given
+              and os.path.commonpath([os.path.realpath(getattr(args, name)), records]) == records]
+    if inside:
+        die(f"the default {' and '.join(f'--{n} {getattr(args, n)}' for n in inside)} would write into the "
+            f"repository's records/ ({os.path.realpath(getattr(args, inside[0]))}); run from the repository root "
+            f"({root}), or pass {' and '.join(f'--{n}' for n in inside)}")
 
 
 def check_writable_dir(path, flag):
@@ -184,7 +218,7 @@ def check_writable_dir(path, flag):
         die(f"--{flag} {path} is not writable; pass a writable folder")
 
 
-def validate(args, mode):
+def validate(args, mode, given=()):
     if not is_prime(args.p):
         die(f"--p must be a prime (the task is arithmetic mod p), got {args.p}; try 23, 31, 59 or 113")
     for name in ("holdout1", "holdout2"):
@@ -238,6 +272,7 @@ def validate(args, mode):
     for name in ("warmup_steps", "patience", "max_runs_per_batch", "threads"):
         if getattr(args, name) < 0:
             die(f"--{name} must be >= 0, got {getattr(args, name)}")
+    check_defaults_outside_records(args, mode, given)
     check_writable_dir(args.log_dir, "log_dir")
     if mode == "sweep":
         check_writable_dir(args.out_dir, "out_dir")
@@ -857,6 +892,7 @@ def train_runs(args, specs, echo=False, device=None, rank=0, world_size=1):
 # split), heatmap.png and curves.png. Metrics of a loss that a run does not train (k2 = 0: table 2, k3 = 0:
 # linkages) are left blank.
 
+SWEEP_OUTPUTS = ["table.md", "summary.csv", "runs.csv", "history.csv", "heatmap.png", "curves.png"]
 TABLE_KEYS = ["op1_test_acc", "op1_covered_acc", "op1_uncovered_acc", "op2_test_acc", "link_acc", "cos_in",
               "cos_in_other", "cos_out", "cos_out_other"]
 BASELINE = (1.0, 0.0, 0.0)
@@ -920,6 +956,17 @@ def cell_text(row, key, digits=3):
     if mean is None:
         return ""
     return f"{mean:+.{digits}f} ± {std:.{digits}f}" if key == "effect" else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def check_out_dir_free(args):
+    """The outputs have fixed names, so a second sweep into one --out_dir (e.g. two parts of a sweep split by seed)
+    would replace the first one's. Checked when a sweep starts, not in validate: code that only parses arguments
+    (the GPU tests) must not fail on what an earlier sweep left in the default --out_dir."""
+    found = [name for name in SWEEP_OUTPUTS if os.path.exists(os.path.join(args.out_dir, name))]
+    if found and not args.overwrite:
+        die(f"--out_dir {args.out_dir} already holds the outputs of another sweep ({', '.join(found)}), which this "
+            f"sweep would replace; pass another --out_dir (one per sweep, and per part of a sweep split by seed), "
+            f"delete those files, or pass --overwrite to replace them")
 
 
 def write_sweep_outputs(args, results, command):
@@ -1068,6 +1115,8 @@ def rank_device(local_rank):
 def main(argv):
     mode, args = parse_args(argv)
     specs = grid(args, mode)
+    if mode == "sweep":
+        check_out_dir_free(args)
     rank, world_size, local_rank = distributed_env()
     if mode == "single":
         if rank != 0:
@@ -1092,9 +1141,9 @@ def main(argv):
             return None
         mine = {i: result for part in gathered for i, result in part.items()}
     results = [mine[i] for i in range(len(specs))]
-    command = "python oocl.py sweep " + " ".join(argv[1:])
+    command = f"python {script_path()} sweep " + " ".join(argv[1:])
     print(write_sweep_outputs(args, results, command))
-    print(f"wrote {args.out_dir}/table.md, summary.csv, runs.csv, history.csv, heatmap.png, curves.png")
+    print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}")
     return results
 
 
@@ -1103,7 +1152,7 @@ if __name__ == "__main__":
     if distributed_env()[1] > 1:
         # Under torchrun the work is done and written: skip the interpreter's shutdown, in which a thread left by gloo
         # aborted 2 of 167 two-process CPU sweeps after main returned (torchrun then killed rank 0 before it wrote the
-        # sweep's outputs); 0 of 300 with this
+        # sweep's outputs); 0 of 441 with this
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

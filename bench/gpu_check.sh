@@ -247,7 +247,7 @@ part_icot() {
 part_oocl() {
     # shellcheck disable=SC2086
     timed oocl 'runs|steps/s|step_avg|wall|Error|error' "$PYTHON" oocl.py \
-        ${OOCL_ARGS:-sweep --p 113 --model_dim 128 --mlp_dim 512 --num_heads 4 --lr 1e-3 --eval_every 250 --holdout1 0.9 --holdout2 0.3 --k 1 0 0 1 1 1 --seeds 0 1 2 --steps 1000 --quiet --out_dir $CHECK_DIR/oocl}
+        ${OOCL_ARGS:-sweep --p 113 --model_dim 128 --mlp_dim 512 --num_heads 4 --lr 1e-3 --eval_every 250 --holdout1 0.9 --holdout2 0.3 --k 1 0 0 1 1 1 --seeds 0 1 2 --steps 1000 --quiet --overwrite --out_dir $CHECK_DIR/oocl}
 }
 
 write_env

@@ -1,8 +1,10 @@
 """oocl.py: data and its variants, the diagnostics, the controls, early stopping, bad input and the command
 line, batched-sweep == single-run, the sweep's outputs, and the sweep split over 2 processes (gloo)."""
 import csv
+import importlib.util
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -455,8 +457,70 @@ def test_sweep_writes_table_csvs_and_plots_with_untrained_columns_blank(tmp_path
 def test_sweep_writes_under_logs_by_default_never_into_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     oocl.main(["sweep", "--preset", "tiny", "--steps", "2", "--eval_every", "2", "--no-controls", "--quiet"])
-    assert (tmp_path / "logs" / "oocl_sweep" / "table.md").exists()
-    assert not (tmp_path / "records").exists()
+    table = tmp_path / "logs" / "oocl_sweep" / "table.md"
+    assert table.exists() and not (tmp_path / "records").exists()
+    # the original names itself as the committed tables do, wherever it runs from
+    assert "Command: `python oocl.py sweep --preset tiny --steps 2" in table.read_text()
+
+
+def test_a_second_sweep_into_one_out_dir_is_refused_before_training_unless_overwrite(tmp_path, monkeypatch, capsys):
+    """Two parts of a sweep split by seed into one --out_dir: the second would replace the first's runs.csv."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "D").mkdir()  # a folder without a sweep's outputs is fine (a part stopped before it wrote them)
+    sweep = ["sweep", "--preset", "tiny", "--k", "1", "0", "0", "1", "1", "1", "--no-controls", "--steps", "2",
+             "--eval_every", "2", "--quiet", "--out_dir", "D"]
+    oocl.main(sweep + ["--seeds", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        oocl.main(sweep + ["--seeds", "1"])
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(stderr) == 1
+    for part in ("--out_dir D already holds the outputs of another sweep", "runs.csv", "another --out_dir",
+                 "delete those files", "--overwrite"):
+        assert part in stderr[0]
+    assert len(os.listdir("logs")) == 2  # the refused sweep trained nothing
+    assert {row["seed"] for row in read_csv(tmp_path / "D" / "runs.csv")} == {"0"}
+    oocl.main(sweep + ["--seeds", "1", "--overwrite"])
+    assert {row["seed"] for row in read_csv(tmp_path / "D" / "runs.csv")} == {"1"}
+    # --overwrite changes no result: it stays out of the logged settings, which records/ttest.py compares
+    assert "overwrite" not in repr(oocl.parse_args(sweep + ["--overwrite", "--log_dir", "logs"])[1])
+
+
+@pytest.fixture
+def copy_in_records(tmp_path):
+    """oocl.py copied into records/oocl/attempt/ of a checkout (tmp_path/repo), imported as a module of its own."""
+    folder = tmp_path / "repo" / "records" / "oocl" / "attempt"
+    folder.mkdir(parents=True)
+    shutil.copy(oocl.__file__, folder / "oocl.py")
+    spec = importlib.util.spec_from_file_location("oocl_copy", folder / "oocl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_copys_table_names_the_copy_it_ran(copy_in_records, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "repo")
+    copy_in_records.main(["sweep", "--preset", "tiny", "--steps", "2", "--eval_every", "2", "--no-controls", "--quiet",
+                          "--out_dir", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Command: `python records/oocl/attempt/oocl.py sweep --preset tiny --steps 2" in table
+
+
+def test_default_outputs_of_a_run_inside_records_are_refused_explicit_ones_allowed(copy_in_records, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """A copy run from its own folder: the default logs/ and logs/oocl_sweep/ would land inside records/."""
+    folder = tmp_path / "repo" / "records" / "oocl" / "attempt"
+    monkeypatch.chdir(folder)
+    for argv, flags in ((["sweep"], "pass --log_dir and --out_dir"), ([], "pass --log_dir"),
+                        (["sweep", "--log_dir", str(tmp_path / "logs")], "pass --out_dir")):
+        with pytest.raises(SystemExit) as err:
+            copy_in_records.main(argv + ["--preset", "tiny", "--steps", "2", "--quiet"])
+        stderr = capsys.readouterr().err
+        assert err.value.code == 2 and "would write into the repository's records/" in stderr
+        assert "run from the repository root" in stderr and stderr.strip().endswith(flags)
+    assert sorted(os.listdir(folder)) == ["oocl.py"]  # nothing written, nothing trained
+    copy_in_records.parse_args(["sweep", "--preset", "tiny", "--log_dir", "logs", "--out_dir", "out"])
+    assert (folder / "logs").is_dir() and (folder / "out").is_dir()  # pointed there on purpose: allowed
 
 
 # ---- Under torchrun: the sweep split over ranks ----
