@@ -37,6 +37,8 @@
 # State entering layer l = the residual stream x passed to block l.
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import platform
@@ -51,6 +53,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -495,6 +498,54 @@ def load_dataset(path, max_lines=None):
     return Dataset(path, torch.tensor(rows, dtype=torch.uint8), layout)
 
 
+def check_task(hp, dataset):
+    """The data must be of --task and --per_line: the model, its log and its checkpoint folder are named by them."""
+    layout, (n, m) = dataset.layout, parse_task(hp.task)
+    if (layout.n, layout.m, layout.per_line) != (n, m, hp.per_line):
+        die(f"{dataset.path} is {layout.n}x{layout.m} with {layout.per_line} per line, but --task={hp.task} "
+            f"--per_line={hp.per_line}: give this task's data (another --data_dir, or --train_file/--val_file) or "
+            f"--task={layout.n}x{layout.m} --per_line={layout.per_line}")
+
+
+def problem_keys(dataset):
+    """Every problem of every line as the bytes of its operand tokens `a * b` (the same task: equal bytes, the same
+    problem); a numpy view, not a Python loop, so the 808k lines of 4x4 take a fraction of a second."""
+    layout = dataset.layout
+    width = layout.n + layout.m + 1  # 'a * b', then '$' before the next problem
+    rows = dataset.tokens.numpy()
+    return {key for start in range(0, layout.per_line * (width + 1), width + 1)
+            for key in np.ascontiguousarray(rows[:, start:start + width]).view(f"V{width}").ravel().tolist()}
+
+
+def check_unseen(hp, train_set):
+    """No problem of the training file may be in a set the run evaluates or reports on (the validation file, the
+    test file, the papers' files when used), however the files were made: a model that saw them is not tested."""
+    train_keys, shared = problem_keys(train_set), []
+    for path in dict.fromkeys([hp.val_file, *(path for _, path in report_sets(hp))]):
+        if os.path.isfile(path):  # a missing test file is reported where it is needed (`all`, eval)
+            dataset = load_dataset(path)
+            check_task(hp, dataset)
+            count = len(problem_keys(dataset) & train_keys)
+            if count:
+                shared.append(f"{count} problem(s) of {path}")
+    if shared:
+        own = train_set.path == os.path.join(hp.data_dir, "train.txt")
+        die(f"{train_set.path} holds {', '.join(shared)}: a model trained on them is not tested on them. " + (
+            f"Delete {hp.data_dir} (a training command generates it again, without them) or give another --data_dir"
+            if own else "Remove them from it (data/multiplication.py --exclude FILE... writes data without them)"))
+
+
+def load_training_data(hp):
+    """The training and validation sets, checked against the flags and the evaluation sets before any training (the
+    small validation set first, so a wrong task is reported before the training file is read)."""
+    val_set = load_dataset(hp.val_file, hp.eval_lines)
+    check_task(hp, val_set)
+    train_set = load_dataset(hp.train_file)
+    check_task(hp, train_set)
+    check_unseen(hp, train_set)
+    return train_set, val_set
+
+
 def drop_cot(tokens, layout, removed):
     """Remove the first `removed` CoT tokens: 0 = teacher layout, cot_len = `input || #### answer <eos>`."""
     return torch.cat([tokens[:, :layout.sep1 + 1], tokens[:, layout.sep1 + 1 + removed:]], dim=1)
@@ -814,13 +865,21 @@ MODEL_FIELDS = ("n_layer", "model_dim", "n_head", "mlp_mult", "state_mlp_mult", 
                 "emulator_mixture_temperature", "stepwise_keep_positions")
 
 
-def save_checkpoint(path, model, teacher_path=None, state=None):
-    """state: the weights to save (default: the model's current ones; training saves its best)."""
+def data_identity(dataset):
+    """What a model is trained on, saved in its checkpoint: the training file and a digest of its lines (the same
+    lines under another path are the same data)."""
+    return {"train_file": dataset.path, "lines": len(dataset.tokens),
+            "sha256": hashlib.sha256(dataset.tokens.numpy().tobytes()).hexdigest()}
+
+
+def save_checkpoint(path, model, teacher_path=None, state=None, data=None, run_id=None):
+    """state: the weights to save (default: the model's current ones; training saves its best); data: its
+    data_identity; run_id: the training run's (its log's) name."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = state if state is not None else model.state_dict()
     torch.save({"kind": model.kind, "config": model.config,
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
-                "model": {k: v.cpu() for k, v in state.items()}}, path)
+                "data": data, "trained": run_id, "model": {k: v.cpu() for k, v in state.items()}}, path)
 
 
 def load_weights(module, state, source):
@@ -870,7 +929,21 @@ def load_checkpoint(path, hp, teacher_path=None, kinds=None):
     load_weights(model, saved["model"], path)
     model.removed = saved["removed"]  # stepwise ends with no CoT left
     model.teacher_path = teacher_path
+    model.data, model.trained = saved.get("data"), saved.get("trained")  # None: an older train_icot.py
     return model.to(DEVICE)
+
+
+def loaded_line(name, path, model, data, explicit=False):
+    """The log line of a checkpoint a stage starts from; one found in --ckpt_dir (not given by --teacher) must have
+    been trained on this run's data (data: its data_identity; None checks nothing)."""
+    saved = model.data
+    if data is not None and not explicit and (saved or {}).get("sha256") != data["sha256"]:
+        trained = (f"on {saved['train_file']} ({saved['lines']} lines)" if saved else
+                   "on data it does not record (an older train_icot.py)")
+        die(f"{path} was trained {trained}, not on this run's {data['train_file']} ({data['lines']} lines): train "
+            f"that stage on this data (another --ckpt_dir), or give the teacher to start from with --teacher PATH")
+    return f"{name}: {path} (trained {model.trained or 'by an older train_icot.py'}" + (
+        f" on {saved['train_file']}, sha256 {saved['sha256'][:12]})" if saved else ")")
 
 
 def load_teacher(path, hp):
@@ -1121,6 +1194,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     logger.log(f"stage {kind}: {count_parameters(model):,} trained parameters, {len(train_set.tokens):,} training "
                f"lines of {train_set.layout.seq_len} tokens, {WORLD_SIZE} process(es), rank devices: "
                f"{', '.join(gather_strings(str(DEVICE)))}")
+    for line in getattr(model, "loaded", []):  # the checkpoints it starts from
+        logger.log(line)
     wall_start = time.perf_counter()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1258,7 +1333,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     logger.log(f"stage {kind} done: {end} steps, wall time {wall:.1f}s, train time {train_time:.1f}s")
     if MASTER:
         checkpoint = os.path.join(hp.ckpt_dir, f"{kind}.pt")
-        save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state)
+        save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state, data_identity(train_set),
+                        logger.run_id)
         logger.log(f"checkpoint: {checkpoint}")
         plot_path = os.path.join(hp.log_dir, f"{logger.run_id}.png")
         plot_run(plot_path, f"{kind} {hp.task} k{hp.per_line}", train_losses, evals,
@@ -1269,26 +1345,31 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     return best_metrics, end, wall
 
 
-def build_stage_model(kind, hp, layout):
+def build_stage_model(kind, hp, layout, data=None):
     """A fresh model of a training stage, started from the checkpoints it builds on: the teacher's weights for the
     mind-reading student, the emulator's GPT and stepwise (as the papers start every model from the same pretrained
-    GPT-2); the trained mind-reading student and emulator for couple; nothing for teacher and nocot."""
+    GPT-2); the trained mind-reading student and emulator for couple; nothing for teacher and nocot. data: the run's
+    data_identity, which those checkpoints must have been trained on (see loaded_line); model.loaded: their log
+    lines."""
     torch.manual_seed(hp.seed)  # identical initial weights on every rank
     teacher_path = hp.teacher or os.path.join(hp.ckpt_dir, "teacher.pt")
     if kind == "couple":  # the emulator's and the mind-reading student's weights, trained together
         mindread_path, emulator_path = (os.path.join(hp.ckpt_dir, f"{k}.pt") for k in ("mindread", "emulator"))
         mindread = load_checkpoint(mindread_path, hp, kinds=("mindread",))
         emulator = load_checkpoint(emulator_path, hp, kinds=("emulator",))
+        loaded = [loaded_line(k, p, m, data) for k, p, m in (("mindread", mindread_path, mindread),
+                                                              ("emulator", emulator_path, emulator))]
         architecture = dataclasses.replace(hp, **emulator.config)  # e.g. its mixture components, not the flags'
         model = IcotModel("couple", architecture, mindread.layout).to(DEVICE)
         load_weights(model.lm, mindread.lm.state_dict(), mindread_path)
         load_weights(model.inject, mindread.inject.state_dict(), mindread_path)
         load_weights(model.emulator, emulator.emulator.state_dict(), emulator_path)
-        model.teacher_path = emulator.teacher_path
+        model.teacher_path, model.loaded = emulator.teacher_path, loaded
         return model
     if kind == "stepwise" and hp.resume:  # its weights and removed CoT tokens; the schedule goes on from there
         path = os.path.join(hp.ckpt_dir, "stepwise.pt")
         model = load_checkpoint(path, hp, kinds=("stepwise",))
+        model.loaded = [loaded_line("resumed stepwise", path, model, data)]
         if model.keep_positions != hp.stepwise_keep_positions:
             die(f"{path} was trained with stepwise_keep_positions={model.keep_positions}: resume it with the same "
                 f"value (--{'' if model.keep_positions else 'no-'}stepwise_keep_positions)")
@@ -1307,14 +1388,15 @@ def build_stage_model(kind, hp, layout):
     if teacher is not None:
         load_weights(model.emulator.gpt if kind == "emulator" else model.lm, teacher.lm.state_dict(), teacher_path)
     model.teacher_path = teacher_path if teacher is not None else None
+    model.loaded = [] if teacher is None else [loaded_line("teacher", teacher_path, teacher, data, bool(hp.teacher))]
     return model
 
 
 def run_stage(kind, hp, train_set=None, val_set=None, steps=None):
     """Train a stage (steps: an override, as `all` gives the no-CoT baseline); returns train_stage's result."""
-    train_set = train_set or load_dataset(hp.train_file)
-    val_set = val_set or load_dataset(hp.val_file, hp.eval_lines)
-    model = build_stage_model(kind, hp, val_set.layout)
+    if train_set is None:
+        train_set, val_set = load_training_data(hp)
+    model = build_stage_model(kind, hp, val_set.layout, data_identity(train_set))
     if kind != "stepwise":
         steps = steps or stage_steps(kind, hp, len(train_set.tokens))
     return train_stage(hp, kind, model, train_set, val_set, steps)
@@ -1323,12 +1405,47 @@ def run_stage(kind, hp, train_set=None, val_set=None, steps=None):
 # ---- Sub-commands: data, all, eval, predict ----
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def data_settings(hp, paper_test, exclude):
+    """What a generated data folder holds, written beside its files: a run reuses the folder only if it asks for the
+    same (the papers' files by their names under --paper_dir, wherever that is)."""
+    return {"task": hp.task, "per_line": hp.per_line, "train_lines": hp.train_lines, "val_lines": hp.val_lines,
+            "test_lines": None if paper_test else hp.test_lines, "data_seed": hp.data_seed,
+            "excluded": sorted(os.path.relpath(f, hp.paper_dir) for f in exclude)}
+
+
+def check_data_settings(hp, settings):
+    path = os.path.join(hp.data_dir, SETTINGS_FILE)
+    redo = f"delete {hp.data_dir} (a training command generates it again) or give another --data_dir"
+    if not os.path.isfile(path):  # made by data/multiplication.py (the records' recipes) or an older train_icot.py
+        print(f"note: {hp.data_dir} has no {SETTINGS_FILE} (files written by hand or by an older train_icot.py): "
+              f"they are used as they are, whatever the data flags say; the task and test-overlap checks still apply",
+              flush=True)
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        die(f"{path} is unreadable ({error}): {redo}")
+    differ = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in settings.items() if saved.get(k) != v]
+    if differ:
+        die(f"{hp.data_dir} was generated with other settings: {', '.join(differ)}: {redo}")
+
+
 def generate_data(hp):
     """Write train/valid(/test) with data/multiplication.py (from the working directory, the repository root) when
-    missing; every file of both papers for this task is excluded."""
+    missing, and the settings that made them; every file of both papers for this task is excluded. An existing
+    folder is reused only if made with this run's settings; files named by --train_file are used as they are."""
     paper_test = paper_files(hp) is not None  # the paper's test file is used, not generated
     files = [hp.train_file, hp.val_file] + ([] if paper_test else [hp.test_file])
+    exclude = sorted(os.path.join(folder, f) for folder in paper_folders(hp) if os.path.isdir(folder)
+                     for f in os.listdir(folder) if f.endswith(".txt"))
+    settings = data_settings(hp, paper_test, exclude)
     if all(os.path.isfile(f) for f in files):
+        if hp.train_file == os.path.join(hp.data_dir, "train.txt"):
+            check_data_settings(hp, settings)
         return
     if (hp.train_file, hp.val_file) != (os.path.join(hp.data_dir, "train.txt"), os.path.join(hp.data_dir, "valid.txt")):
         die(f"missing data file among {files}; only the default files in --data_dir are generated")
@@ -1336,14 +1453,14 @@ def generate_data(hp):
     script = os.path.join("data", "multiplication.py")
     if not os.path.isfile(script):
         die(f"{script} not found: run from the repository root (the working directory holds data/ and logs/)")
-    exclude = sorted(os.path.join(folder, f) for folder in paper_folders(hp) if os.path.isdir(folder)
-                     for f in os.listdir(folder) if f.endswith(".txt"))
     splits = f"train={hp.train_lines},valid={hp.val_lines}" + ("" if paper_test else f",test={hp.test_lines}")
     command = [sys.executable, script, "--digits", hp.task, "--per-line", str(hp.per_line), "--splits", splits,
                "--out-dir", hp.data_dir, "--seed", str(hp.data_seed)] + (["--exclude", *exclude] if exclude else [])
     print("generating data:", " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
         die("data generation failed (see the message above)")
+    with open(os.path.join(hp.data_dir, SETTINGS_FILE), "w") as f:  # last: a folder cut short has none
+        json.dump(settings, f, indent=1)
 
 
 def report_sets(hp):
@@ -1395,7 +1512,7 @@ def run_all(hp):
     """The stages of --stages in the order teacher, stepwise, mindread, emulator, couple, nocot; the no-CoT
     baseline gets (unless --nocot_steps) as many steps as the longest complete implicit chain. The table is written
     under --log_dir."""
-    train_set, val_set = load_dataset(hp.train_file), load_dataset(hp.val_file, hp.eval_lines)
+    train_set, val_set = load_training_data(hp)
     sets = {name: load_dataset(path) for name, path in report_sets(hp)}
     sets["train"] = load_dataset(hp.train_file, hp.train_eval_lines)
     rows, steps_of = [], {}

@@ -597,6 +597,151 @@ def test_copied_script_finds_the_paper_files_from_the_working_directory(tmp_path
     assert len(excluded) == 4 and all(os.path.isfile(path) for path in excluded)
 
 
+# ---- Data and checkpoints: what a run trains on is what it says ----
+
+def write_problems(path, problems, n=2, m=2, per_line=1):
+    path.write_text("".join(icot.format_line(problems[i:i + per_line], n, m) + "\n"
+                            for i in range(0, len(problems), per_line)))
+    return str(path)
+
+
+def problem_files(folder, shared=()):
+    """Disjoint 2x2 train/valid/test files (the test file also holding the `shared` training problems)."""
+    folder.mkdir(exist_ok=True)
+    train = [(a, b) for a in range(10, 100) for b in range(10, 13)]
+    return {"train_file": write_problems(folder / "train.txt", train),
+            "val_file": write_problems(folder / "valid.txt", [(a, 20) for a in range(10, 60)]),
+            "test_file": write_problems(folder / "test.txt", [(a, 30) for a in range(10, 40)] + list(shared))}
+
+
+def flags(**paths):
+    return [f"--{k}={v}" for k, v in paths.items()]
+
+
+def test_a_data_folder_is_reused_only_with_the_settings_that_made_it(tmp_path, monkeypatch, capsys):
+    """A generated folder records its settings; a run asking for other ones is one error before training, naming
+    what differs; a folder without them (made by data/multiplication.py) and files named with --train_file/--val_file
+    are used as they are."""
+    monkeypatch.chdir(REPO_ROOT)  # data/multiplication.py; every output goes under tmp_path
+    trained = []
+    monkeypatch.setattr(icot, "run_stage", lambda kind, hp: trained.append(hp))
+    data = tmp_path / "data"
+    base = ["teacher", "--preset=tiny", "--paper_dir=", *flags(data_dir=data, ckpt_dir=tmp_path / "ckpt",
+                                                              log_dir=tmp_path / "logs")]
+    icot.main(base + ["--train_lines=300"])
+    settings = icot.json.loads((data / "settings.json").read_text())
+    assert settings == {"task": "2x2", "per_line": 1, "train_lines": 300, "val_lines": 200, "test_lines": 200,
+                        "data_seed": 0, "excluded": []}
+    icot.main(base + ["--train_lines=300"])  # the same settings: reused
+    assert len(trained) == 2
+    for extra, message in [(["--train_lines=600", "--data_seed=7"], r"train_lines=300 \(this run: 600\), "
+                             r"data_seed=0 \(this run: 7\)"),
+                            (["--train_lines=300", "--task=3x3"], r"task='2x2' \(this run: '3x3'\)")]:
+        with pytest.raises(SystemExit, match=rf"{data} was generated with other settings: {message}: delete {data} "
+                                             r"\(a training command generates it again\) or give another --data_dir"
+                           ) as exit_info:
+            icot.main(base + extra)
+        assert exit_info.value.code == 2
+    (data / "settings.json").unlink()  # as a folder written by data/multiplication.py or by an older version
+    capsys.readouterr()
+    icot.main(base + ["--train_lines=600"])  # used as it is (the records' recipes make their folders so), with a note
+    assert len(trained) == 3 and f"note: {data} has no settings.json" in capsys.readouterr().out
+    icot.main(base + flags(train_file=f"{data}/./train.txt", val_file=f"{data}/./valid.txt"))  # as they are
+    assert len(trained) == 4
+
+
+def test_training_data_sharing_problems_with_an_evaluation_set_is_refused(tmp_path, monkeypatch):
+    """However the files were made: the papers' test file (when used), the test and validation files."""
+    monkeypatch.setattr(icot, "train_stage", lambda *args: pytest.fail("training started"))
+    paper = tmp_path / "papers"
+    files = {k: write_problems(tmp_path / f"{k[:-5]}.txt", problems, 4, 4) for k, problems in (
+        ("train_file", [(1000 + i, 3349) for i in range(40)] + [(3719, 3349)]),
+        ("val_file", [(2000 + i, 3349) for i in range(10)]))}
+    for folder in ("4_by_4_mult", "stepwise/4_by_4_mult"):  # LINE_4X4 (3719*3349) in the paper's test file
+        (paper / folder).mkdir(parents=True)
+        write_problems(paper / folder / "valid.txt", [(5000, 1234)], 4, 4)
+        (paper / folder / "test_bigbench.txt").write_text(f"{icot.format_line([(5001, 1234)], 4, 4)}\n{LINE_4X4}\n")
+    argv = ["teacher", "--preset=tiny", "--task=4x4", *flags(paper_dir=paper, ckpt_dir=tmp_path / "ckpt",
+                                                             log_dir=tmp_path / "logs", **files)]
+    with pytest.raises(SystemExit, match=rf"train.txt holds 1 problem\(s\) of {paper}/4_by_4_mult/test_bigbench.txt, "
+                                         rf"1 problem\(s\) of {paper}/stepwise/4_by_4_mult/test_bigbench.txt: a model "
+                                         r"trained on them is not tested on them. Remove them from it") as exit_info:
+        icot.main(argv)
+    assert exit_info.value.code == 2
+    # 2x2, two problems per line: the shared problems are found in either position of a line
+    k2 = tmp_path / "k2"
+    k2.mkdir()
+    problems = [(a, b) for a in range(10, 100) for b in range(10, 13)]
+    files = {"train_file": write_problems(k2 / "train.txt", problems, per_line=2),
+             "val_file": write_problems(k2 / "valid.txt", [(a, 20) for a in range(10, 60)], per_line=2),
+             "test_file": write_problems(k2 / "test.txt", [(a, 30) for a in range(10, 40)] + [(99, 12), (10, 11)],
+                                         per_line=2)}
+    hp = tiny_hp(per_line=2, paper_dir="", data_dir=str(k2), **files)
+    with pytest.raises(SystemExit, match=r"k2/train.txt holds 2 problem\(s\) of .*k2/test.txt: .* Delete "):
+        icot.load_training_data(hp)
+    write_problems(Path(files["test_file"]), [(a, 30) for a in range(10, 42)], per_line=2)
+    train_set, _ = icot.load_training_data(hp)  # no shared problem: loads
+    assert len(train_set.tokens) == len(problems) // 2
+
+
+def test_data_of_another_task_or_k_is_refused(tmp_path, monkeypatch):
+    """--task 3x3 on 2x2 files would train a 2x2 model filed and logged as 3x3."""
+    monkeypatch.setattr(icot, "train_stage", lambda *args: pytest.fail("training started"))
+    files = problem_files(tmp_path / "data")
+    argv = ["teacher", "--preset=tiny", "--paper_dir=", *flags(ckpt_dir=tmp_path / "ckpt", log_dir=tmp_path / "logs",
+                                                               **files)]
+    for extra, asked in ((["--task=3x3"], "--task=3x3 --per_line=1"), (["--per_line=2"], "--task=2x2 --per_line=2")):
+        with pytest.raises(SystemExit, match=rf"valid.txt is 2x2 with 1 per line, but {asked}: give this task's data "
+                                             r".* or --task=2x2 --per_line=1") as exit_info:
+            icot.main(argv + extra)
+        assert exit_info.value.code == 2
+    write_problems(Path(files["train_file"]), [(123, 456)], 3, 3)  # the validation file right, the training file not
+    with pytest.raises(SystemExit, match=r"train.txt is 3x3 with 1 per line, but --task=2x2 --per_line=1"):
+        icot.main(argv)
+
+
+def test_a_stage_starts_only_from_checkpoints_trained_on_its_data(tmp_path):
+    """Each checkpoint records its training data and run; a teacher (or mind-reading student, emulator, resumed
+    stepwise) found in --ckpt_dir that was trained on other data is refused, one given by --teacher is used; each
+    checkpoint a stage starts from is logged."""
+    hp = tiny_hp(paper_dir="", ckpt_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"), teacher_steps=2,
+                 stepwise_max_steps=2, stepwise_decay_steps=1, eval_every=1, eval_lines=8, eval_batch=8,
+                 **problem_files(tmp_path / "data"))
+    icot.run_stage("teacher", hp)
+    saved = torch.load(tmp_path / "ckpt" / "teacher.pt", weights_only=False)
+    assert saved["data"]["train_file"] == hp.train_file and saved["data"]["lines"] == 270
+    assert saved["trained"].startswith("icot_teacher_2x2_k1_")
+    icot.run_stage("stepwise", hp)
+    log = max((tmp_path / "logs").glob("icot_stepwise_*.txt"), key=lambda path: path.stat().st_mtime).read_text()
+    assert re.search(rf"^teacher: {tmp_path}/ckpt/teacher.pt \(trained {saved['trained']} on {hp.train_file}, "
+                     r"sha256 [0-9a-f]{12}\)$", log, re.M)
+    other = dataclasses.replace(hp, **problem_files(tmp_path / "other"))
+    write_problems(Path(other.train_file), [(a, b) for a in range(10, 100) for b in range(13, 16)])
+    for kind in ("stepwise", "mindread"):
+        with pytest.raises(SystemExit, match=rf"ckpt/teacher.pt was trained on {hp.train_file} \(270 lines\), not "
+                                             rf"on this run's {other.train_file} \(270 lines\): .*another --ckpt_dir.*"
+                                             r"--teacher PATH"):
+            icot.run_stage(kind, other)
+    train_set, val_set = icot.load_training_data(other)
+    data = icot.data_identity(train_set)
+    explicit = icot.build_stage_model("stepwise", dataclasses.replace(other, teacher=str(tmp_path / "ckpt" /
+                                                                                         "teacher.pt")),
+                                      val_set.layout, data)  # given by --teacher: used as given, logged
+    assert explicit.loaded[0].startswith(f"teacher: {tmp_path}/ckpt/teacher.pt (trained {saved['trained']}")
+    with pytest.raises(SystemExit, match="stepwise.pt was trained on .*train.txt"):
+        icot.build_stage_model("stepwise", dataclasses.replace(other, resume=True), val_set.layout, data)
+    for kind in ("mindread", "emulator"):
+        icot.save_checkpoint(str(tmp_path / "ckpt" / f"{kind}.pt"), icot.build_stage_model(kind, hp, val_set.layout),
+                             str(tmp_path / "ckpt" / "teacher.pt"), data=icot.data_identity(icot.load_dataset(
+                                 hp.train_file)))
+    with pytest.raises(SystemExit, match="mindread.pt was trained on"):
+        icot.build_stage_model("couple", other, val_set.layout, data)
+    del saved["data"]  # a checkpoint of an older version
+    torch.save(saved, tmp_path / "ckpt" / "teacher.pt")
+    with pytest.raises(SystemExit, match=r"teacher.pt was trained on data it does not record \(an older train_icot"):
+        icot.build_stage_model("stepwise", hp, val_set.layout, data)
+
+
 # ---- The tiny pipeline end to end ----
 
 @pytest.fixture(scope="module")
@@ -680,7 +825,7 @@ def test_all_writes_every_stage_table_logs_plots(tiny_run):
     dirs, _, stdout = tiny_run
     stages = ["teacher", "nocot", "mindread", "emulator", "couple", "stepwise"]
     assert sorted(p.stem for p in dirs["ckpt"].glob("*.pt")) == sorted(stages)
-    assert {p.name for p in dirs["data"].iterdir()} == {"train.txt", "valid.txt", "test.txt"}
+    assert {p.name for p in dirs["data"].iterdir()} == {"train.txt", "valid.txt", "test.txt", "settings.json"}
     (table_path,) = dirs["logs"].glob("results_2x2_k1_*.md")  # under --log_dir, not records/
     rows = table_rows(table_path.read_text())
     assert table_path.read_text() in stdout
