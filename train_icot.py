@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1476,9 +1477,12 @@ def report_sets(hp):
     return sets
 
 
-def results_table(hp, rows, set_names):
-    """rows: (name, steps, {set name: metrics}, wall time)."""
+def results_table(hp, rows, set_names, command):
+    """rows: (name, steps, {set name: metrics}, wall time); command: the command line that made them (a copy of the
+    script is named by its own path, so its table is not taken for the original's)."""
     lines = [f"# Implicit CoT, {hp.task}, {hp.per_line} per line",
+             "",
+             f"Command: `{command}` (seed {hp.seed})",
              "",
              "; ".join(f"{name}: `{path}`" for name, path in report_sets(hp)) +
              f"; train: first {hp.train_eval_lines} lines of `{hp.train_file}`. {hp.n_layer} layers, dim "
@@ -1508,7 +1512,7 @@ STAGE_NAMES = {"teacher": "teacher (explicit CoT)", "nocot": "no CoT baseline", 
 CHAINS = {"stepwise": ("teacher", "stepwise"), "distillation": ("teacher", "mindread", "emulator", "couple")}
 
 
-def run_all(hp):
+def run_all(hp, argv):
     """The stages of --stages in the order teacher, stepwise, mindread, emulator, couple, nocot; the no-CoT
     baseline gets (unless --nocot_steps) as many steps as the longest complete implicit chain. The table is written
     under --log_dir."""
@@ -1531,7 +1535,8 @@ def run_all(hp):
                 print(f"evaluating {kind} on {name}: {dataset.tokens.size(0)} lines of {dataset.path}", flush=True)
             results[name] = evaluate(model, dataset, hp.eval_batch)
         rows.append((STAGE_NAMES[kind], steps_of[kind], results, wall))
-    table = results_table(hp, rows, list(sets))
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])  # relative to the root
+    table = results_table(hp, rows, list(sets), command)
     if MASTER:
         path = os.path.join(hp.log_dir, f"results_{hp.task}_k{hp.per_line}_{time.strftime('%Y%m%d_%H%M%S')}.md")
         with open(path, "w") as f:
@@ -1635,7 +1640,7 @@ def main(argv):
                 generate_data(hp)
             barrier()
         if command == "all":
-            return run_all(hp)
+            return run_all(hp, argv)
         if command == "eval":
             return run_eval_command(hp)
         if command == "predict":

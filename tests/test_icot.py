@@ -822,13 +822,15 @@ def table_rows(markdown):
 
 
 def test_all_writes_every_stage_table_logs_plots(tiny_run):
-    dirs, _, stdout = tiny_run
+    dirs, args, stdout = tiny_run
     stages = ["teacher", "nocot", "mindread", "emulator", "couple", "stepwise"]
     assert sorted(p.stem for p in dirs["ckpt"].glob("*.pt")) == sorted(stages)
     assert {p.name for p in dirs["data"].iterdir()} == {"train.txt", "valid.txt", "test.txt", "settings.json"}
     (table_path,) = dirs["logs"].glob("results_2x2_k1_*.md")  # under --log_dir, not records/
     rows = table_rows(table_path.read_text())
     assert table_path.read_text() in stdout
+    command = "python train_icot.py all --preset tiny " + " ".join(args)  # the script as run, from the root
+    assert f"\nCommand: `{command}` (seed 0)\n" in table_path.read_text()
     assert len(rows) == 6 and rows["thought emulator"][2].startswith("quasi ")
     evaluations = re.findall(r"^evaluating (\w+) on (\w[\w ]*): (\d+) lines of ", stdout, re.M)
     assert [(stage, name) for stage, name, _ in evaluations[:3]] == [("teacher", "test"), ("teacher", "valid"),
