@@ -1148,7 +1148,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+        if distributed_env()[0] == 0:
+            print("oocl.py: interrupted: the run logs so far are kept in --log_dir; a sweep's table was not written",
+                  file=sys.stderr)
+        sys.exit(130)
     if distributed_env()[1] > 1:
         # Under torchrun the work is done and written: skip the interpreter's shutdown, in which a thread left by gloo
         # aborted 2 of 167 two-process CPU sweeps after main returned (torchrun then killed rank 0 before it wrote the

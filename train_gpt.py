@@ -1234,3 +1234,8 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", "0")) == 0 or isinstance(error, LossNotFinite):  # the others: said once
             print(f"train_gpt.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("train_gpt.py: interrupted: the log so far is kept in --log_dir (records/ttest.py lists it as an "
+                  "unfinished run)", file=sys.stderr)
+        sys.exit(130)

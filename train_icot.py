@@ -1657,3 +1657,8 @@ if __name__ == "__main__":
     except UserError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("train_icot.py: interrupted: the stage's log so far is kept; it saved no checkpoint (a stage saves "
+                  "at its end, so --resume would continue an earlier run's stepwise.pt)", file=sys.stderr)
+        sys.exit(130)

@@ -34,3 +34,17 @@ def cpu_path_outside_tests_gpu(request, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if "train_icot" in sys.modules:
         monkeypatch.setattr(sys.modules["train_icot"], "DEVICE", torch.device("cpu"))
+
+
+def interrupt_when(command, marker, cwd, env=None):
+    """Runs command, sends it SIGINT (Ctrl-C) once `marker` appears in its stdout; returns (exit code, stderr)."""
+    import signal
+    import subprocess
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    for line in process.stdout:
+        if marker in line:
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_when
 import torch
 
 import train_icot as icot
@@ -946,3 +947,11 @@ def test_each_stage_trains_at_its_own_lr(tmp_path, monkeypatch):
     default = dataclasses.replace(hp, nocot_lr=0.0)
     icot.train_stage(default, "nocot", icot.IcotModel("nocot", default, train_set.layout), train_set, train_set, 2)
     assert lrs == [1e-2]
+
+
+def test_ctrl_c_ends_a_stage_with_one_line(tmp_path):
+    code, stderr = interrupt_when([sys.executable, str(REPO_ROOT / "train_icot.py"), "teacher", "--preset=tiny",
+                                   "--teacher_steps=100000", f"--data_dir={tmp_path}/data", f"--ckpt_dir={tmp_path}/ckpt",
+                                   f"--log_dir={tmp_path}/logs"], "step:1/", REPO_ROOT)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("train_icot.py: interrupted: the stage's log so far is kept")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_when
 import torch
 
 import oocl
@@ -560,3 +561,10 @@ def test_two_process_single_run_trains_once(tmp_path):
     out, stdout = torchrun(tmp_path, "single", 2, "--steps", "5", "--eval_every", "5")
     assert len(os.listdir(out / "logs")) == 1
     assert "rank 1 of 2: a single run trains on rank 0 only" in stdout
+
+
+def test_ctrl_c_ends_a_run_with_one_line(tmp_path):
+    code, stderr = interrupt_when([sys.executable, str(REPO_ROOT / "oocl.py"), "--preset=tiny", "--steps=100000",
+                                   f"--log_dir={tmp_path}/logs"], "step:1/", tmp_path)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("oocl.py: interrupted: the run logs so far are kept")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interrupt_when
 import torch
 
 import train_gpt as tg
@@ -972,3 +973,11 @@ def test_train_batches_split_each_step_between_ranks(tiny_data):
             start = step * 1024 + micro * 512
             assert torch.equal(inputs, torch.from_numpy(tokens[start:start + 512].astype(np.int32)))
             assert torch.equal(targets, torch.from_numpy(tokens[start + 1:start + 513].astype(np.int64)))
+
+
+def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path):
+    code, stderr = interrupt_when([sys.executable, str(SCRIPT), *tiny_args(tiny_data, f"--log_dir={tmp_path}/logs")],
+                                  "step:1/", tmp_path)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("train_gpt.py: interrupted: the log so far is kept")
+    assert "step:1/" in read_log(tmp_path)
