@@ -225,8 +225,8 @@ def check_independent(runs):
     if same_seed:
         first, second = same_seed
         raise ValueError(f"{first['path']} and {second['path']} both ran seed={first['seed']} with one script and "
-                         f"settings: not independent samples. Run distinct seeds (--seed N per run, or leave the "
-                         f"seed at -1 to draw a fresh one per run).")
+                         f"settings: not independent samples. Run distinct seeds (train_gpt.py: --seed N per run, or "
+                         f"its default -1, which draws a fresh one per run).")
 
 
 def check_apart(logs, baseline_logs):
