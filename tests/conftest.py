@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,8 +40,6 @@ def cpu_path_outside_tests_gpu(request, monkeypatch):
 
 def interrupt_when(command, marker, cwd, env=None):
     """Runs command, sends it SIGINT (Ctrl-C) once `marker` appears in its stdout; returns (exit code, stderr)."""
-    import signal
-    import subprocess
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     for line in process.stdout:
