@@ -12,6 +12,7 @@
 #   python oocl.py --p 113 --holdout1 0.8 --holdout2 0.8 --k 1 1 1 --steps 10000 --seed 0
 #   python oocl.py sweep --holdout1 0.5 0.7 0.9 --holdout2 0.5 0.7 0.9 --k 1 0 0 1 1 1 --seeds 0 1 2
 #   ./run.sh oocl.py sweep ...          (torchrun: every rank trains its share of the grid on its own GPU)
+#   python oocl.py merge --out_dir D PART PART ...   (one table from the parts of a sweep split by seed)
 #   python oocl.py --preset tiny
 #
 # A single run is a sweep of one: every run of a sweep trains at the same time with its own weights,
@@ -21,6 +22,7 @@
 import argparse
 import csv
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -129,7 +131,8 @@ def build_parser():
         prog="oocl.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         usage="python oocl.py [sweep] [--preset NAME] [--field value ...]",
         description="Out-of-context learning on (x^2+y^2) mod p. `sweep` as the first argument trains the grid "
-                    "holdout1 x holdout2 x k triples x seeds (plus the controls) and writes a table.")
+                    "holdout1 x holdout2 x k triples x seeds (plus the controls) and writes a table; `merge` "
+                    "(python oocl.py merge --help) writes one table from the parts of a sweep split by seed.")
     parser.add_argument("--preset", choices=sorted(PRESETS), action=Once, help="apply a preset's values first")
     for f in dataclasses.fields(Hyperparameters):
         names = list(dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"]))
@@ -889,10 +892,10 @@ def train_runs(args, specs, echo=False, device=None, rank=0, world_size=1):
 # ---- Sweep outputs ----
 # runs.csv (one row per run), history.csv (every evaluation of every run), summary.csv and table.md (one row
 # per cell and arm: mean ± std over seeds; the effect = paired difference to (1,0,0) with the same seed and
-# split), heatmap.png and curves.png. Metrics of a loss that a run does not train (k2 = 0: table 2, k3 = 0:
-# linkages) are left blank.
+# split), heatmap.png and curves.png; sweep.json (the settings and the commands, for `merge`). Metrics of a
+# loss that a run does not train (k2 = 0: table 2, k3 = 0: linkages) are left blank.
 
-SWEEP_OUTPUTS = ["table.md", "summary.csv", "runs.csv", "history.csv", "heatmap.png", "curves.png"]
+SWEEP_OUTPUTS = ["table.md", "summary.csv", "runs.csv", "history.csv", "heatmap.png", "curves.png", "sweep.json"]
 TABLE_KEYS = ["op1_test_acc", "op1_covered_acc", "op1_uncovered_acc", "op2_test_acc", "link_acc", "cos_in",
               "cos_in_other", "cos_out", "cos_out_other"]
 BASELINE = (1.0, 0.0, 0.0)
@@ -964,12 +967,14 @@ def check_out_dir_free(args):
     (the GPU tests) must not fail on what an earlier sweep left in the default --out_dir."""
     found = [name for name in SWEEP_OUTPUTS if os.path.exists(os.path.join(args.out_dir, name))]
     if found and not args.overwrite:
-        die(f"--out_dir {args.out_dir} already holds the outputs of another sweep ({', '.join(found)}), which this "
-            f"sweep would replace; pass another --out_dir (one per sweep, and per part of a sweep split by seed), "
+        die(f"--out_dir {args.out_dir} already holds the outputs of another sweep ({', '.join(found)}), which these "
+            f"outputs would replace; pass another --out_dir (one per sweep, and per part of a sweep split by seed), "
             f"delete those files, or pass --overwrite to replace them")
 
 
-def write_sweep_outputs(args, results, command):
+def write_sweep_outputs(args, results, commands):
+    """The sweep's outputs in args.out_dir; `commands`: the command that trained the runs (a merged table: the
+    parts' commands, then the merge's)."""
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -1014,11 +1019,17 @@ def write_sweep_outputs(args, results, command):
             f"{cell_text(row, 'op2_test_acc')} | {cell_text(row, 'link_acc')} | "
             f"{row['cos_in_mean']:.2f} ({row['cos_in_other_mean']:.2f}) | "
             f"{row['cos_out_mean']:.2f} ({row['cos_out_other_mean']:.2f}) |")
-    lines += ["", f"Command: `{command}`"]
+    if len(commands) == 1:
+        lines += ["", f"Command: `{commands[0]}`"]
+    else:
+        lines += ["", "Commands (the parts of the sweep, then the merge that wrote this table):"]
+        lines += [f"- `{command}`" for command in commands]
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_heatmap(args, rows, os.path.join(args.out_dir, "heatmap.png"))
     plot_curves(args, results, os.path.join(args.out_dir, "curves.png"))
+    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
+        json.dump(dict(hyperparameters=dataclasses.asdict(args), commands=commands), f, indent=1)
     return "\n".join(lines)
 
 
@@ -1095,6 +1106,99 @@ def plot_curves(args, results, path):
     plt.close(fig)
 
 
+# ---- Merging the parts of a sweep ----
+# A sweep too long for one command (p = 113 in 10-minute GPU calls) runs as parts, one seed (or a few) per
+# --out_dir; `merge` reads the parts' runs.csv, history.csv and sweep.json and writes the outputs that one sweep
+# over all their seeds would have written: means over seeds, paired effects, plots. Only settings that change no
+# result may differ between the parts.
+
+EXECUTION_SETTINGS = {"seeds", "log_dir", "out_dir", "overwrite", "max_runs_per_batch", "threads", "compile", "quiet"}
+
+
+def build_merge_parser():
+    parser = argparse.ArgumentParser(
+        prog="oocl.py merge", allow_abbrev=False,
+        usage="python oocl.py merge --out_dir DIR PART [PART ...]",
+        description="One table from the parts of a sweep split by seed: each PART is the --out_dir of an "
+                    "`oocl.py sweep` with the same settings and other seeds.")
+    parser.add_argument("parts", nargs="+", metavar="PART", help="a part's --out_dir (holds its sweep.json)")
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir", action=Once, required=True,
+                        help="where the merged outputs go (records/ only when pointed there)")
+    parser.add_argument("--overwrite", action=Flag, default=False, help="replace the outputs already in --out_dir")
+    return parser
+
+
+def read_part(part):
+    """A part's settings, commands and runs: {(run_name, seed): (runs.csv row, [history rows])}."""
+    if not os.path.isdir(part):
+        die(f"{part} is not a folder; pass the --out_dir of each part of the sweep")
+    missing = [name for name in ("sweep.json", "runs.csv", "history.csv") if not os.path.isfile(os.path.join(part, name))]
+    if missing:
+        die(f"{part} holds no {' or '.join(missing)}: pass the --out_dir of a finished `oocl.py sweep` (a part that "
+            f"was stopped, or written by an oocl.py older than `merge`, has to be run again)")
+    try:
+        with open(os.path.join(part, "sweep.json")) as f:
+            saved = json.load(f)
+        settings = Hyperparameters(**saved["hyperparameters"])
+        commands = list(saved["commands"])
+        with open(os.path.join(part, "runs.csv"), newline="") as f:
+            runs = {(row["run_name"], int(row["seed"])): (row, []) for row in csv.DictReader(f)}
+        with open(os.path.join(part, "history.csv"), newline="") as f:
+            for row in csv.DictReader(f):
+                runs[(row["run_name"], int(row["seed"]))][1].append(
+                    dict(step=int(row["step"]), **{key: float(row[key]) for key in METRIC_KEYS}))
+    except (ValueError, KeyError, TypeError) as exc:
+        die(f"{part}: its sweep.json, runs.csv or history.csv cannot be read ({type(exc).__name__}: {exc}); "
+            f"run that part again")
+    return settings, commands, runs
+
+
+def merge_parts(argv):
+    options = build_merge_parser().parse_args(argv)
+    options.__dict__.pop("_given", None)
+    out_dir = os.path.realpath(options.out_dir)
+    if out_dir in {os.path.realpath(part) for part in options.parts}:
+        die(f"--out_dir {options.out_dir} is one of the parts: the merge would replace that part's outputs; "
+            f"pass a folder of its own")
+    parts = {}
+    for part in options.parts:
+        if os.path.realpath(part) in {os.path.realpath(p) for p in parts}:
+            die(f"{part} is given twice; list each part once")
+        parts[part] = read_part(part)
+    (first, (settings, _, _)), part_of_seed = next(iter(parts.items())), {}
+    for part, (other, _, runs) in parts.items():
+        differ = [f"--{f.name} {getattr(settings, f.name)} in {first} but {getattr(other, f.name)} in {part}"
+                  for f in dataclasses.fields(Hyperparameters)
+                  if f.name not in EXECUTION_SETTINGS and getattr(settings, f.name) != getattr(other, f.name)]
+        if differ:
+            die("the parts are not one sweep: " + "; ".join(differ) + " (only the seeds and the execution settings "
+                "may differ; merge the parts that share their settings)")
+        for seed in other.seeds:
+            if seed in part_of_seed:
+                die(f"seed {seed} is in two parts, {part_of_seed[seed]} and {part}; each seed's runs may be counted "
+                    f"once: leave one of those parts out")
+            part_of_seed[seed] = part
+    seeds = list(part_of_seed)
+    args = dataclasses.replace(settings, seeds=seeds, out_dir=options.out_dir, overwrite=options.overwrite)
+    found = {key: value for _, _, runs in parts.values() for key, value in runs.items()}
+    results = []
+    for spec in grid(args):
+        key = (run_name(args.p, spec), spec.seed)
+        if key not in found or not found[key][1]:
+            die(f"no results of run {key[0]} seed {key[1]} in the parts: a part's runs.csv or history.csv is "
+                f"incomplete; run that part again")
+        row, history = found[key]
+        results.append(dict(spec=spec, final=history[-1], history=history, stop_step=int(row["stop_step"]),
+                            log=row["log"]))
+    check_writable_dir(args.out_dir, "out_dir")
+    check_out_dir_free(args)
+    commands = [command for _, part_commands, _ in parts.values() for command in part_commands]
+    commands.append(f"python {script_path()} merge " + " ".join(argv))
+    print(write_sweep_outputs(args, results, commands))
+    print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}: {len(results)} runs, seeds {' '.join(map(str, seeds))}")
+    return results
+
+
 # ---- Main ----
 # Under torchrun (./run.sh oocl.py sweep ...), every rank trains its share of the grid's run groups on its own
 # device (cuda:LOCAL_RANK) and writes those runs' logs; rank 0 gathers the results and writes the sweep's
@@ -1113,6 +1217,8 @@ def rank_device(local_rank):
 
 
 def main(argv):
+    if argv and argv[0] == "merge":
+        return merge_parts(argv[1:])
     mode, args = parse_args(argv)
     specs = grid(args, mode)
     if mode == "sweep":
@@ -1142,7 +1248,7 @@ def main(argv):
         mine = {i: result for part in gathered for i, result in part.items()}
     results = [mine[i] for i in range(len(specs))]
     command = f"python {script_path()} sweep " + " ".join(argv[1:])
-    print(write_sweep_outputs(args, results, command))
+    print(write_sweep_outputs(args, results, [command]))
     print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}")
     return results
 

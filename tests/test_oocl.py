@@ -487,6 +487,79 @@ def test_a_second_sweep_into_one_out_dir_is_refused_before_training_unless_overw
     assert "overwrite" not in repr(oocl.parse_args(sweep + ["--overwrite", "--log_dir", "logs"])[1])
 
 
+def test_merged_parts_of_a_sweep_split_by_seed_give_the_whole_sweeps_outputs(tmp_path, monkeypatch, capsys):
+    """p = 113 runs one seed per 10-minute GPU call; `merge` must give the table one sweep over all seeds gives."""
+    monkeypatch.chdir(tmp_path)
+    sweep = ["sweep", "--preset", "tiny", *GRID, "--steps", "20", "--eval_every", "10", "--quiet"]
+    oocl.main(sweep + ["--seeds", "0", "1", "--out_dir", "whole"])
+    for seed in "012":
+        oocl.main(sweep + ["--max_runs_per_batch", "3", "--seeds", seed, "--out_dir", f"seed{seed}"])
+    oocl.main(["merge", "--out_dir", "merged", "seed0", "seed1"])
+    whole, merged = tmp_path / "whole", tmp_path / "merged"
+    assert (whole / "table.md").read_text().split("Command:")[0] == (merged / "table.md").read_text().split("Commands")[0]
+    assert read_csv(whole / "history.csv") == read_csv(merged / "history.csv")
+    without_log = lambda rows: [{k: v for k, v in row.items() if k != "log"} for row in rows]
+    assert without_log(read_csv(whole / "runs.csv")) == without_log(read_csv(merged / "runs.csv"))
+    for a, b in zip(read_csv(whole / "summary.csv"), read_csv(merged / "summary.csv"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:  # the parts' CSVs hold 6 decimals
+            try:
+                assert float(b[key]) == pytest.approx(float(a[key]), abs=2e-6), key
+            except ValueError:
+                assert a[key] == b[key], key
+    commands = (merged / "table.md").read_text().split("merge that wrote this table):\n")[1].splitlines()
+    assert [c.split("--out_dir ")[-1] for c in commands] == ["seed0`", "seed1`", "merged seed0 seed1`"]
+    assert commands[2] == "- `python oocl.py merge --out_dir merged seed0 seed1`"
+    assert (merged / "heatmap.png").stat().st_size > 1000 and (merged / "curves.png").stat().st_size > 1000
+    # a merged sweep is a part like any other: a third seed joins it
+    oocl.main(["merge", "--out_dir", "three", "merged", "seed2"])
+    assert "| 0.3 | 0.5 | 1 1 1 | 3 |" in (tmp_path / "three" / "table.md").read_text()
+    assert len((tmp_path / "three" / "table.md").read_text().split("table):\n")[1].splitlines()) == 5
+    assert {row["seed"] for row in read_csv(tmp_path / "three" / "runs.csv")} == {"0", "1", "2"}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Parts of a short sweep (seeds 0 and 1), a part with another lr, and one with seed 0 again."""
+    folder = tmp_path_factory.mktemp("parts")
+    sweep = ["sweep", "--preset", "tiny", "--k", "1", "0", "0", "1", "1", "1", "--no-controls", "--steps", "2",
+             "--eval_every", "2", "--quiet", "--log_dir", str(folder / "logs")]
+    for name, extra in (("s0", ["--seeds", "0"]), ("s1", ["--seeds", "1"]), ("lr", ["--seeds", "2", "--lr", "2e-3"]),
+                        ("again0", ["--seeds", "0", "--threads", "2"])):
+        oocl.main(sweep + extra + ["--out_dir", str(folder / name)])
+    (folder / "stopped").mkdir()  # a part stopped before it wrote its outputs
+    shutil.copy(folder / "s1" / "runs.csv", folder / "stopped" / "runs.csv")
+    shutil.copytree(folder / "s1", folder / "cut")
+    history = (folder / "cut" / "history.csv").read_text().splitlines()
+    (folder / "cut" / "history.csv").write_text("\n".join(line for line in history if "_1_1_1," not in line) + "\n")
+    shutil.copytree(folder / "s1", folder / "broken")
+    (folder / "broken" / "sweep.json").write_text("{")
+    return folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["s0", "lr"], "the parts are not one sweep: --lr 0.003 in s0 but 0.002 in lr"),
+    (["s0", "s1", "again0"], "seed 0 is in two parts, s0 and again0"),
+    (["s0", "stopped"], "stopped holds no sweep.json or history.csv: pass the --out_dir of a finished `oocl.py sweep`"),
+    (["s0", "cut"], "no results of run oocl_ssq_11_0.5_0.5_1_1_1 seed 1 in the parts"),
+    (["s0", "broken"], "broken: its sweep.json, runs.csv or history.csv cannot be read"),
+    (["s0", "missing"], "missing is not a folder"),
+    (["s0", "s0"], "s0 is given twice"),
+    (["--out_dir", "s1", "s0", "s1"], "--out_dir s1 is one of the parts"),
+    (["--out_dir", "./s0/", "s0", "s1"], "--out_dir ./s0/ is one of the parts"),
+    (["--out_dir", "lr", "s0", "s1"], "--out_dir lr already holds the outputs of another sweep"),
+])
+def test_merge_refuses_parts_that_are_not_one_sweep(parts, argv, message, monkeypatch, capsys):
+    monkeypatch.chdir(parts)
+    before = sorted(os.listdir(parts))
+    with pytest.raises(SystemExit) as err:
+        oocl.main(["merge"] + (argv if argv[0] == "--out_dir" else ["--out_dir", "merged"] + argv))
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(stderr) == 1 and stderr[0].startswith("oocl.py: error: ")
+    assert message in stderr[0]
+    assert sorted(os.listdir(parts)) == before  # nothing written
+
+
 @pytest.fixture
 def copy_in_records(tmp_path):
     """oocl.py copied into records/oocl/attempt/ of a checkout (tmp_path/repo), imported as a module of its own."""
