@@ -1217,8 +1217,8 @@ def rank_device(local_rank):
 
 
 def main(argv):
-    if argv and argv[0] == "merge":
-        return merge_parts(argv[1:])
+    if argv and argv[0] == "merge":  # reads and writes files only: under torchrun, rank 0 does it
+        return merge_parts(argv[1:]) if distributed_env()[0] == 0 else None
     mode, args = parse_args(argv)
     specs = grid(args, mode)
     if mode == "sweep":

@@ -560,6 +560,15 @@ def test_merge_refuses_parts_that_are_not_one_sweep(parts, argv, message, monkey
     assert sorted(os.listdir(parts)) == before  # nothing written
 
 
+def test_merge_under_torchrun_writes_once_on_rank_0(parts, monkeypatch):
+    monkeypatch.chdir(parts)
+    monkeypatch.setenv("RANK", "1")
+    assert oocl.main(["merge", "--out_dir", "by_rank_1", "s0", "s1"]) is None and not (parts / "by_rank_1").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert len(oocl.main(["merge", "--out_dir", "by_rank_0", "s0", "s1"])) == 4
+    shutil.rmtree(parts / "by_rank_0")  # the module's parts folder is shared by the tests that follow
+
+
 @pytest.fixture
 def copy_in_records(tmp_path):
     """oocl.py copied into records/oocl/attempt/ of a checkout (tmp_path/repo), imported as a module of its own."""
