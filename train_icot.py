@@ -46,6 +46,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,9 @@ class Hyperparameters:
     cpu_threads: int = 2              # CPU runs only; 1 avoids oversubscribing a shared machine
     stage_minutes: float = 0.0        # >0: a stage stops at the first evaluation past this much training time
     resume: bool = False              # stepwise: continue from <ckpt_dir>/stepwise.pt (e.g. one cut by stage_minutes)
+    # ^ with this run's stepwise flags (rate, lambda, lr, patience; stepwise_max_steps counts this run's steps), from
+    #   the step it had reached at its CoT count; with no CoT left, its (best) weights compete with the new ones and
+    #   patience counts on from its evaluations (a finished stage: a new no-CoT phase, patience from 0)
     log_dir: str = "logs"             # logs, plots and the results table of `all`
     ckpt_dir: str = ""                # default checkpoints/icot/<task>_k<per_line>
     stages: tuple = ("teacher", "stepwise", "mindread", "emulator", "couple", "nocot")  # what `all` trains
@@ -873,14 +877,18 @@ def data_identity(dataset):
             "sha256": hashlib.sha256(dataset.tokens.numpy().tobytes()).hexdigest()}
 
 
-def save_checkpoint(path, model, teacher_path=None, state=None, data=None, run_id=None):
+def save_checkpoint(path, model, teacher_path=None, state=None, data=None, run_id=None, progress=None):
     """state: the weights to save (default: the model's current ones; training saves its best); data: its
-    data_identity; run_id: the training run's (its log's) name."""
+    data_identity; run_id: the training run's (its log's) name; progress: where a stepwise stage stopped (--resume
+    goes on from there, see train_stage)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = state if state is not None else model.state_dict()
+    # written beside, then renamed: a run stopped while saving (Ctrl-C, `timeout`'s SIGTERM) keeps the older file
     torch.save({"kind": model.kind, "config": model.config,
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
-                "data": data, "trained": run_id, "model": {k: v.cpu() for k, v in state.items()}}, path)
+                "data": data, "trained": run_id, "progress": progress,
+                "model": {k: v.cpu() for k, v in state.items()}}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_weights(module, state, source):
@@ -929,6 +937,7 @@ def load_checkpoint(path, hp, teacher_path=None, kinds=None):
     model = IcotModel(saved["kind"], config, Layout(**saved["layout"]), teacher)
     load_weights(model, saved["model"], path)
     model.removed = saved["removed"]  # stepwise ends with no CoT left
+    model.progress = saved.get("progress") or {}  # None: not a stepwise stage, or an older train_icot.py
     model.teacher_path = teacher_path
     model.data, model.trained = saved.get("data"), saved.get("trained")  # None: an older train_icot.py
     return model.to(DEVICE)
@@ -1061,9 +1070,9 @@ class Logger:
 
     def log(self, line):
         if MASTER:
-            print(line, flush=True)
-            self.file.write(line + "\n")
+            self.file.write(line + "\n")  # the file first: a run stopped right after a printed line has it too
             self.file.flush()
+            print(line, flush=True)
 
     def close(self):
         if DEVICE.type == "cuda":
@@ -1208,9 +1217,14 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     order, cursor = torch.randperm(len(data), generator=generator), 0
     stepwise = steps is None
     removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
-    if stepwise and model.removed:  # resumed: from the increment it had reached (a fresh optimizer, as at any)
-        starts = [start for start, removed in removals.items() if removed >= model.removed]
-        removals = {start - starts[0]: removals[start] for start in starts}
+    resumed = stepwise and model.removed > 0  # a fresh stepwise model starts with its CoT
+    progress = getattr(model, "progress", {}) if resumed else {}  # where it stopped (saved at the end of this function)
+    if resumed:  # from the step it had reached in its increment (a fresh optimizer, as at any increment)
+        first = min(start for start, removed in removals.items() if removed >= model.removed)
+        origin = first + (progress.get("increment_steps", 0) if removals[first] == model.removed else 0)
+        # increments that origin passed all map to step 0, where the last of them (the one in progress) wins
+        removals = {max(0, start - origin): removed for start, removed in removals.items() if removed >= model.removed}
+    increment_start = -progress.get("increment_steps", 0)  # step from which the model reads its current CoT
     final_removed = removals[max(removals)]
     stage_lr = {"stepwise": hp.stepwise_lr, "nocot": hp.nocot_lr}.get(kind, 0.0) or hp.lr
     end = hp.stepwise_max_steps if stepwise else steps  # stepwise: moved closer when its decay starts
@@ -1218,7 +1232,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     warmup = hp.warmup_steps
     peak = peak_flops()
     accuracy_key = "accuracy" if kind != "emulator" else "quasi_accuracy"
-    best, best_state, best_step, stale_evals = None, None, None, 0
+    best, best_state, best_step, stale_evals, cut = None, None, None, 0, False
     train_losses, evals, train_time, optimizer = [], [], 0.0, None
     # Each step's loss and gradient norm stay tensors until their window closes (no sync per step), then become
     # floats: tensors kept for the whole stage grew a CPU run's memory by 56-120 kB a step (14 GiB in 99000 steps).
@@ -1260,31 +1274,39 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         evals.append({"step": step, **metrics})
         return metrics
 
+    if resumed:
+        logger.log(f"resumed with {model.removed} of {train_set.layout.cot_len} CoT tokens removed" + (
+            ": a finished stage, trained on as a new no-CoT phase (patience from 0)" if progress.get("finished") else
+            f", {progress.get('increment_steps', 0)} steps into that increment, "
+            f"{progress.get('stale_evals', 0)} evaluation(s) after its best"))
+        progress = {} if progress.get("finished") else progress
     step = 0
     while True:
         if step % hp.eval_every == 0 or step == end or (stepwise and step in removals):
             metrics = run_eval(step)
-            if model.removed == final_removed and step > 0:
+            if model.removed == final_removed and (step > 0 or resumed):  # resumed: its saved best competes
                 score = (metrics[accuracy_key], -metrics["loss"])
                 improved = best is None or metrics[accuracy_key] > best[0]
                 if best is None or score > best:
                     best, best_step = score, step
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                stale_evals = 0 if improved else stale_evals + 1
+                # step 0 (resumed): patience goes on from the evaluations the earlier run made after this best
+                stale_evals = progress.get("stale_evals", 0) if step == 0 else 0 if improved else stale_evals + 1
                 if stepwise and stale_evals >= hp.stepwise_patience and decay_start > step:
                     decay_start, end = step, min(end, step + hp.stepwise_decay_steps)
                     logger.log(f"step:{step}/{end} no better validation accuracy in {stale_evals} evaluations: "
                                f"final decay until step {end}")
         if hp.stage_minutes and train_time > 60 * hp.stage_minutes and step < end:
             logger.log(f"step:{step} the --stage_minutes={hp.stage_minutes} budget is spent: stopping here")
-            end = step
+            end, cut = step, True  # train_time moves only at evaluations: this step's, just done, is the last
             if model.removed != final_removed:
                 logger.log(f"warning: the budget ran out with {model.removed} of {final_removed} CoT tokens removed")
-            continue  # evaluate this step as the last one
         if step == end:
             break
         if step in removals:  # a stepwise increment: fewer CoT tokens, fresh optimizer (as the paper)
             close_window(step)  # keep the recompile of a new shape out of a window's throughput
+            if removals[step] != model.removed:  # (resumed: the same count goes on)
+                increment_start = step
             model.removed = removals[step]
             optimizer = make_optimizer(model, dataclasses.replace(hp, lr=stage_lr))
             if stepwise:
@@ -1334,8 +1356,10 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     logger.log(f"stage {kind} done: {end} steps, wall time {wall:.1f}s, train time {train_time:.1f}s")
     if MASTER:
         checkpoint = os.path.join(hp.ckpt_dir, f"{kind}.pt")
+        progress = {"increment_steps": end - increment_start, "stale_evals": stale_evals,
+                    "finished": not cut and model.removed == final_removed} if stepwise else None
         save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state, data_identity(train_set),
-                        logger.run_id)
+                        logger.run_id, progress)
         logger.log(f"checkpoint: {checkpoint}")
         plot_path = os.path.join(hp.log_dir, f"{logger.run_id}.png")
         plot_run(plot_path, f"{kind} {hp.task} k{hp.per_line}", train_losses, evals,
@@ -1651,7 +1675,12 @@ def main(argv):
             dist.destroy_process_group()
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `timeout` and `kill` stop a run with SIGTERM: as Ctrl-C
     try:
         main(sys.argv[1:])
     except UserError as error:

@@ -8,6 +8,7 @@ import io
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -357,7 +358,7 @@ def test_stage_minutes_then_resume_continues_the_removal(tmp_path):
     icot.train_stage(hp, "stepwise", model, train_set, train_set)  # stops after the first step
     saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
     assert saved["removed"] == 1
-    saved["removed"] = 5  # as if cut later, after the increment that removes 5 tokens
+    saved["removed"], saved["progress"]["increment_steps"] = 5, 0  # as if cut later, as 5 tokens were removed
     torch.save(saved, tmp_path / "ckpt" / "stepwise.pt")
     resumed = icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, resume=True), train_set.layout)
     assert resumed.removed == 5 and torch.equal(resumed.state_dict()["lm.lm_head.weight"],
@@ -367,6 +368,84 @@ def test_stage_minutes_then_resume_continues_the_removal(tmp_path):
     log = max((tmp_path / "logs").glob("*.txt"), key=lambda path: path.stat().st_mtime).read_text()
     assert re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M) == [
         ("0", "5"), ("1", "6"), ("2", "7"), ("3", "8")]
+
+
+def test_resume_goes_on_from_the_step_reached_in_the_increment(tmp_path):
+    """A stage cut inside an increment goes on with that increment's remaining steps, one cut at its end with the
+    next increment: --resume neither repeats the steps it trained nor skips an increment."""
+    # 256 lines / 64 per batch = 4 steps per epoch, 1 token per epoch: an increment every 4 steps
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=1, eval_every=3,
+                                          stage_minutes=1e-9, stepwise_max_steps=40)
+    increments = []
+    for run in range(3):  # each run stops at its first evaluation after step 0
+        log_dir = tmp_path / f"logs{run}"
+        run_hp = dataclasses.replace(hp, resume=run > 0, log_dir=str(log_dir))
+        if run:
+            model = icot.build_stage_model("stepwise", run_hp, train_set.layout)
+        icot.train_stage(run_hp, "stepwise", model, train_set, train_set)
+        log = next(log_dir.glob("*.txt")).read_text()
+        increments.append(re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M))
+        progress = torch.load(tmp_path / "ckpt" / "stepwise.pt")["progress"]
+        increments[-1].append(progress["increment_steps"])
+    # run 0: cut at step 3, 3 steps into the first increment; run 1: its last step, then cut before the second
+    # increment (an evaluation); run 2: the second increment from its start
+    assert increments == [[("0", "1"), 3], [("0", "1"), 4], [("0", "2"), 3]]
+    assert "resumed with 1 of 8 CoT tokens removed, 3 steps into that increment" in (
+        next((tmp_path / "logs1").glob("*.txt")).read_text())
+
+
+def test_a_cut_stage_evaluates_its_last_step_once(tmp_path):
+    """--stage_minutes stops right after an evaluation (the training clock moves only there): that evaluation is the
+    stage's last, not made twice (a second one of the same weights counted as one more without improvement)."""
+    hp, _, train_set = stepwise_setup(tmp_path, eval_every=5, stage_minutes=1e-9)
+    _, end, _ = icot.train_stage(hp, "nocot", icot.IcotModel("nocot", hp, train_set.layout), train_set, train_set, 100)
+    log = next((tmp_path / "logs").glob("*.txt")).read_text()
+    assert end == 5 and re.findall(r"^step:(\d+)/\d+ removed_cot:", log, re.M) == ["0", "5"]
+
+
+def test_a_resumed_no_cot_phase_keeps_its_best_and_its_patience(tmp_path, monkeypatch):
+    """Resumed with no CoT left (a cut in the final phase), the saved weights (the best so far) compete with the new
+    evaluations and patience counts on from the evaluations made after them; a finished stage resumed is a new no-CoT
+    phase (records/icot/README.md: `--resume` for more no-CoT steps), its patience from 0."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=8, stepwise_remove_per_epoch=1000, eval_every=3,
+                                          stepwise_patience=2, stepwise_decay_steps=4, stepwise_max_steps=30,
+                                          resume=True)
+    model.removed = 8
+    icot.save_checkpoint(str(tmp_path / "ckpt" / "stepwise.pt"), model,
+                         progress={"increment_steps": 9, "stale_evals": 1, "finished": False})
+    resumed = icot.build_stage_model("stepwise", hp, train_set.layout)
+    saved_head = resumed.lm.lm_head.weight.detach().clone()
+    accuracies = iter([0.5, 0.4, 0.45, 0.45])  # steps 0 (the resumed weights), 3, 6 and 7
+    monkeypatch.setattr(icot, "evaluate", lambda *args, **kwargs: {
+        "loss": 1.0, "ppl": 2.7, "accuracy": next(accuracies, 0.3), "digit_accuracy": [0.5] * 4, "problems_per_s": 1.0,
+        "lines": 8})
+    best, end, _ = icot.train_stage(hp, "stepwise", resumed, train_set, train_set)
+    assert best["step"] == 0 and best["accuracy"] == 0.5
+    assert end == 3 + 4  # 1 evaluation without improvement before the cut, 1 after (step 3): decay over 4 steps
+    saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
+    assert torch.equal(saved["model"]["lm.lm_head.weight"], saved_head)
+    assert saved["progress"]["finished"] and saved["progress"]["stale_evals"] == 4
+    accuracies = iter([0.5])  # the finished stage resumed: no better at steps 3 and 6, then the decay
+    _, end, _ = icot.train_stage(hp, "stepwise", icot.build_stage_model("stepwise", hp, train_set.layout), train_set,
+                                 train_set)
+    assert end == 6 + 4
+
+
+def test_an_interrupted_save_keeps_the_older_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint is written beside and renamed: a run stopped while saving (Ctrl-C, `timeout`'s SIGTERM) leaves
+    the older file whole."""
+    hp, model, _ = stepwise_setup(tmp_path)
+    path = str(tmp_path / "stepwise.pt")
+    icot.save_checkpoint(path, model)
+
+    def interrupted_save(obj, file):
+        Path(file).write_bytes(b"the first bytes")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icot.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        icot.save_checkpoint(path, model)
+    assert icot.load_checkpoint(path, hp).kind == "stepwise"
 
 
 def test_best_checkpoint_and_patience(tmp_path, monkeypatch):
@@ -949,9 +1028,11 @@ def test_each_stage_trains_at_its_own_lr(tmp_path, monkeypatch):
     assert lrs == [1e-2]
 
 
-def test_ctrl_c_ends_a_stage_with_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
+def test_ctrl_c_ends_a_stage_with_one_line(tmp_path, sig):
     code, stderr = interrupt_when([sys.executable, str(REPO_ROOT / "train_icot.py"), "teacher", "--preset=tiny",
                                    "--teacher_steps=100000", f"--data_dir={tmp_path}/data", f"--ckpt_dir={tmp_path}/ckpt",
-                                   f"--log_dir={tmp_path}/logs"], "step:1/", REPO_ROOT)
+                                   f"--log_dir={tmp_path}/logs"], "step:1/", REPO_ROOT, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("train_icot.py: interrupted: the stage's log so far is kept")
+    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # written before it was printed
