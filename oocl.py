@@ -28,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1253,7 +1254,12 @@ def main(argv):
     return results
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `timeout` and `kill` stop a run with SIGTERM: as Ctrl-C
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback

@@ -26,6 +26,7 @@ import math
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1011,10 +1012,10 @@ class Logger:
     def __call__(self, text, console=True):
         if self.file is None:
             return
+        self.file.write(text + "\n")  # the file first: a run stopped right after a printed line has it too
+        self.file.flush()
         if console:
             print(text, flush=True)
-        self.file.write(text + "\n")
-        self.file.flush()
 
 
 def gpu_list(use_cuda):
@@ -1227,7 +1228,12 @@ def main(argv):
         dist.destroy_process_group()
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `timeout` and `kill` stop a run with SIGTERM: as Ctrl-C
     try:
         main(sys.argv[1:])
     except UserError as error:

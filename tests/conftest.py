@@ -38,13 +38,14 @@ def cpu_path_outside_tests_gpu(request, monkeypatch):
         monkeypatch.setattr(sys.modules["train_icot"], "DEVICE", torch.device("cpu"))
 
 
-def interrupt_when(command, marker, cwd, env=None):
-    """Runs command, sends it SIGINT (Ctrl-C) once `marker` appears in its stdout; returns (exit code, stderr)."""
+def interrupt_when(command, marker, cwd, env=None, sig=signal.SIGINT):
+    """Runs command, sends it `sig` (SIGINT: Ctrl-C; SIGTERM: `timeout`, `kill`) once `marker` appears in its stdout;
+    returns (exit code, stderr)."""
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     for line in process.stdout:
         if marker in line:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(sig)
             break
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr

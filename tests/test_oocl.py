@@ -5,6 +5,7 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -645,8 +646,10 @@ def test_two_process_single_run_trains_once(tmp_path):
     assert "rank 1 of 2: a single run trains on rank 0 only" in stdout
 
 
-def test_ctrl_c_ends_a_run_with_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
+def test_ctrl_c_ends_a_run_with_one_line(tmp_path, sig):
     code, stderr = interrupt_when([sys.executable, str(REPO_ROOT / "oocl.py"), "--preset=tiny", "--steps=100000",
-                                   f"--log_dir={tmp_path}/logs"], "step:1/", tmp_path)
+                                   f"--log_dir={tmp_path}/logs"], "step:1/", tmp_path, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("oocl.py: interrupted: the run logs so far are kept")
+    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # written before it was printed

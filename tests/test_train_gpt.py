@@ -3,6 +3,7 @@ DDP / Muon-sharding equivalence, block masks, kernels vs references, data errors
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -975,9 +976,10 @@ def test_train_batches_split_each_step_between_ranks(tiny_data):
             assert torch.equal(targets, torch.from_numpy(tokens[start + 1:start + 513].astype(np.int64)))
 
 
-def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
+def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path, sig):
     code, stderr = interrupt_when([sys.executable, str(SCRIPT), *tiny_args(tiny_data, f"--log_dir={tmp_path}/logs")],
-                                  "step:1/", tmp_path)
+                                  "step:1/", tmp_path, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("train_gpt.py: interrupted: the log so far is kept")
     assert "step:1/" in read_log(tmp_path)
