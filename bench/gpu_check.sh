@@ -135,9 +135,11 @@ timed() {
     status=${PIPESTATUS[0]}
     [[ "$status" != 124 ]] || echo "gpu_check.sh: $name stopped after PART_SECONDS=$PART_SECONDS s" | tee -a "$log"
     end=$(date +%s)
-    local lines
+    local lines command="$*"
     lines="$(grep -E "$pattern" "$log" | tail -n 8 | tr '\n' ';' | sed 's/|/\\|/g')"
-    printf '| %s | `%s` | %s | %s | %s |\n' "$name" "$*" "$status" "$((end - start))" "$lines" >> "$SUMMARY"
+    # a | in the command (the public part's pipeline) is escaped too, or it would split the table's cell
+    command="${command//|/\\|}"
+    printf '| %s | `%s` | %s | %s | %s |\n' "$name" "$command" "$status" "$((end - start))" "$lines" >> "$SUMMARY"
     return "$status"
 }
 
@@ -193,10 +195,12 @@ part_public() {
     # even when the part is stopped).
     note_progress "$work/logs" "$CHECK_DIR/public_progress.txt" >/dev/null 2>&1 &
     local watcher=$!
-    # It runs its whole schedule; stop it once it has logged RECORD_STEPS steps.
+    # It runs its whole schedule; stop it once it has logged RECORD_STEPS steps (awk exits 0 then, and the script
+    # dies on the closed pipe). Short of that step, the part's exit code is the script's (1 if it ended with 0).
     timed public 'step_avg|peak memory' bash -c "cd '$work' && \
         '$PYTHON' -m torch.distributed.run --standalone --nproc_per_node=1 record_script.py 2>&1 | \
-        awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {exit}'"
+        awk '{print; fflush()} /^step:$RECORD_STEPS\\/[0-9]+ train_time/ {reached = 1; exit} END {exit !reached}'; \
+        s=(\${PIPESTATUS[@]}); [[ \${s[1]:-1} == 0 ]] || exit \$(( \${s[0]} ? \${s[0]} : 1 ))"
     local status=$?
     kill "$watcher" 2>/dev/null
     # Its console shows nothing before step 0; its own log (after the script's text) shows how far it got.

@@ -24,6 +24,7 @@ if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
     mkdir -p logs; printf 'print("the script")\n%s\nWarmup step 1/10\n' "$(printf '=%.0s' {1..100})" > logs/run.txt
+    if [[ -n "${FAKE_PUBLIC_FAIL:-}" ]]; then echo "AssertionError: Torch not compiled with CUDA enabled"; exit 1; fi
     if [[ -n "${FAKE_WARMUP_SECONDS:-}" ]]; then
         sleep "$FAKE_WARMUP_SECONDS"; echo "Warmup step 2/10" >> logs/run.txt; sleep "$FAKE_WARMUP_SECONDS"
     fi
@@ -155,6 +156,27 @@ def test_gpt_args_reach_train_gpt_in_the_gpt_and_record_parts(check):
     launches = [line for line in check.lines() if "train_gpt.py" in line]
     assert len(launches) == 2
     assert all(line.endswith(f"--log_dir {check.out} --no_coordinate_descent_tuning --seed 3") for line in launches)
+
+
+def test_a_public_script_that_fails_or_ends_before_its_step_fails_the_part(check, tmp_path):
+    """The public part's pipeline ends in the awk that stops the script at step RECORD_STEPS, whose exit code was
+    the part's: a script that crashed (on a CPU: no CUDA) read as exit 0. Its row and the check's exit code now say
+    that it failed; stopped at its step, it succeeded."""
+    log = tmp_path / "record_log.txt"
+    log.write_text("assert world_size == 8\n" + "=" * 100 + "\n")
+
+    def public_row():
+        rows = (check.out / "summary.md").read_text().splitlines()
+        return [line for line in rows if line.startswith("| public |")][-1]
+
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="3", FAKE_PUBLIC_FAIL="1")
+    assert result.returncode == 1 and public_row().split(" | ")[-3] == "1", public_row()  # the script's exit code
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="9")  # ends (exit 0) at step 5, before step 9
+    assert result.returncode == 1 and public_row().split(" | ")[-3] == "1", public_row()
+    result = check.run("public", RECORD_LOG=str(log), RECORD_STEPS="3")  # stopped at its step: a success
+    assert result.returncode == 0 and public_row().split(" | ")[-3] == "0", public_row()
+    # Its command holds a pipe, escaped in the row: the table keeps its five columns.
+    assert len(re.split(r"(?<!\\)\|", public_row())) == 7 and "2>&1 \\| " in public_row(), public_row()
 
 
 def test_public_part_notes_when_each_line_of_its_own_log_appears(check, tmp_path):
