@@ -11,16 +11,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def shared_tiktoken_cache(repo_root):
-    """tiktoken cannot download the GPT-2 BPE without a network: use the shared cache, beside the checkout
-    (../shared) or copied into it (shared/, as on the GPU machine, which gets only the checkout)."""
-    for cache in (repo_root.parent / "shared" / "tiktoken_cache", repo_root / "shared" / "tiktoken_cache"):
-        if cache.is_dir() and any(cache.iterdir()):
-            return cache
+def shared_folder(repo_root, name):
+    """A folder of the project's shared files (tiktoken's GPT-2 cache, which cannot be downloaded without a network;
+    the ICoT papers' files), beside the checkout (../shared) or copied into it (shared/, as on the GPU machine, which
+    gets only the checkout); None where neither holds a file."""
+    for folder in (repo_root.parent / "shared" / name, repo_root / "shared" / name):
+        if folder.is_dir() and any(folder.iterdir()):
+            return folder
     return None
 
 
-_cache = shared_tiktoken_cache(REPO_ROOT)
+_cache = shared_folder(REPO_ROOT, "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
 

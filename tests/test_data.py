@@ -93,16 +93,16 @@ def _write_jsonl(path, texts):
 def test_tests_find_the_shared_tiktoken_cache_beside_or_inside_the_checkout(tmp_path):
     """The tokenisation tests load the GPT-2 encoding, which needs a network or tiktoken's cache: on the GPU
     machine only the checkout travels, with the cache copied into its shared/."""
-    from conftest import shared_tiktoken_cache
+    from conftest import shared_folder
     repo = tmp_path / "repo"
     inside, beside = repo / "shared" / "tiktoken_cache", tmp_path / "shared" / "tiktoken_cache"
     inside.mkdir(parents=True)
-    assert shared_tiktoken_cache(repo) is None  # an empty folder holds no encoding
+    assert shared_folder(repo, "tiktoken_cache") is None  # an empty folder holds no encoding
     (inside / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").write_text("vocab")
-    assert shared_tiktoken_cache(repo) == inside
+    assert shared_folder(repo, "tiktoken_cache") == inside
     beside.mkdir(parents=True)
     (beside / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").write_text("vocab")
-    assert shared_tiktoken_cache(repo) == beside
+    assert shared_folder(repo, "tiktoken_cache") == beside
 
 def test_tokenise_local_jsonl_into_shards(tmp_path, gpt2):
     from data.fineweb import EOT_TOKEN, main

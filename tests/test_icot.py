@@ -1007,9 +1007,13 @@ def test_sweep_table_reads_the_logs_of_the_folder_it_is_given(tmp_path):
         (tmp_path / "logs" / name / "run.txt").write_text(
             "step:1500/3000 removed_cot:24 val_loss:0.5 ppl:1.6 accuracy:0.5\n"
             f"step:3000/3000 removed_cot:24 val_loss:{loss} ppl:2.2 accuracy:0.015 digit_accuracy:1.0\n")
-    rows = subprocess.run([sys.executable, table, tmp_path], capture_output=True, text=True, check=True).stdout
-    assert rows.splitlines()[2:] == ["| nocot | 0.003 | 10 | 0.1 | 3000 | 0.7800 | 0.015 |",
-                                     "| nocot | 0.01 | 1 | 0 | 3000 | 1.2200 | 0.015 |"]
+    # a run cut short by a time limit, beside its finished rerun: left out, and named
+    (tmp_path / "logs" / "nocot_lr1e-2_emb1_wd0" / "cut.txt").write_text(
+        "step:1500/3000 removed_cot:24 val_loss:0.5 ppl:1.6 accuracy:0.5\n")
+    done = subprocess.run([sys.executable, table, tmp_path], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[2:] == ["| nocot | 0.003 | 10 | 0.1 | 3000 | 0.7800 | 0.015 |",
+                                            "| nocot | 0.01 | 1 | 0 | 3000 | 1.2200 | 0.015 |"]
+    assert "left out 1 log(s) with no final evaluation" in done.stderr and "cut.txt" in done.stderr
     own = subprocess.run([sys.executable, table], capture_output=True, text=True, check=True).stdout
     assert len(own.splitlines()) == 2 + 24 and "| teacher | 0.01 | 10 | 0.1 | 250 | 0.4429 | 0.028 |" in own
 

@@ -371,7 +371,7 @@ def test_no_shard_error_says_when_the_synthetic_fallback_is_off(tmp_path, monkey
     args = tg.parse_args(["--preset=tiny", "--val_files=mine/val_*.bin"])
     with pytest.raises(tg.UserError, match=r"no train shards match 'data/fineweb10B/fineweb_train_\*.bin' .* \(the "
                                            "synthetic fallback applies only when neither --train_files nor --val_files "
-                                           "is given\)"):
+                                           r"is given\)"):
         tg.find_shards(args, "train")
     with pytest.raises(tg.UserError) as error:
         tg.find_shards(tg.parse_args([]), "train")  # no fallback asked for

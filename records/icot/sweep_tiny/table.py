@@ -10,14 +10,20 @@ import re
 import sys
 
 folder = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
-rows = []
+rows, unfinished = [], []
 for log in glob.glob(os.path.join(folder, "logs", "*", "*.txt")) + glob.glob(os.path.join(folder, "logs", "*", "*.txt.gz")):
     name = os.path.basename(os.path.dirname(log))
     stage, lr, mult, wd = re.fullmatch(r"(\w+?)_lr(\S+)_emb(\S+)_wd(\S+)", name).groups()
     text = (gzip.open if log.endswith(".gz") else open)(log, "rt").read()
     final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", text, re.M)
+    if not final:  # stopped before its last evaluation (a time limit): sweep.sh runs it again beside this log
+        unfinished.append(log)
+        continue
     steps, loss, accuracy = final[-1]
     rows.append((stage, float(loss), float(lr), float(mult), float(wd), float(accuracy), int(steps)))
+if unfinished:
+    print(f"table.py: left out {len(unfinished)} log(s) with no final evaluation (runs cut short; remove them once "
+          f"sweep.sh has run them again): " + " ".join(sorted(unfinished)), file=sys.stderr)
 print("| stage | lr | embed lr mult | weight decay | steps | val loss | val exact match |")
 print("|---|---|---|---|---|---|---|")
 for stage, loss, lr, mult, wd, accuracy, steps in sorted(rows):
