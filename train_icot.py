@@ -142,7 +142,7 @@ class Hyperparameters:
     compile: str = "auto"             # torch.compile: auto (on CUDA only), true, false
     cpu_threads: int = 2              # CPU runs only; 1 avoids oversubscribing a shared machine
     stage_minutes: float = 0.0        # >0: a stage stops at the first evaluation past this much training time
-    resume: bool = False              # stepwise: continue from <ckpt_dir>/stepwise.pt (e.g. one cut by stage_minutes)
+    resume: bool = False              # stepwise: continue from <ckpt_dir>/stepwise.pt (one stopped early)
     # ^ with this run's stepwise flags (rate, lambda, lr, patience; stepwise_max_steps counts this run's steps), from
     #   the step it had reached at its CoT count; with no CoT left, its (best) weights compete with the new ones and
     #   patience counts on from its evaluations (a finished stage: a new no-CoT phase, patience from 0)
@@ -1281,63 +1281,75 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             f"{progress.get('stale_evals', 0)} evaluation(s) after its best"))
         progress = {} if progress.get("finished") else progress
     step = 0
-    while True:
-        if step % hp.eval_every == 0 or step == end or (stepwise and step in removals):
-            metrics = run_eval(step)
-            if model.removed == final_removed and (step > 0 or resumed):  # resumed: its saved best competes
-                score = (metrics[accuracy_key], -metrics["loss"])
-                improved = best is None or metrics[accuracy_key] > best[0]
-                if best is None or score > best:
-                    best, best_step = score, step
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                # step 0 (resumed): patience goes on from the evaluations the earlier run made after this best
-                stale_evals = progress.get("stale_evals", 0) if step == 0 else 0 if improved else stale_evals + 1
-                if stepwise and stale_evals >= hp.stepwise_patience and decay_start > step:
-                    decay_start, end = step, min(end, step + hp.stepwise_decay_steps)
-                    logger.log(f"step:{step}/{end} no better validation accuracy in {stale_evals} evaluations: "
-                               f"final decay until step {end}")
-        if hp.stage_minutes and train_time > 60 * hp.stage_minutes and step < end:
-            logger.log(f"step:{step} the --stage_minutes={hp.stage_minutes} budget is spent: stopping here")
-            end, cut = step, True  # train_time moves only at evaluations: this step's, just done, is the last
-            if model.removed != final_removed:
-                logger.log(f"warning: the budget ran out with {model.removed} of {final_removed} CoT tokens removed")
-        if step == end:
-            break
-        if step in removals:  # a stepwise increment: fewer CoT tokens, fresh optimizer (as the paper)
-            close_window(step)  # keep the recompile of a new shape out of a window's throughput
-            if removals[step] != model.removed:  # (resumed: the same count goes on)
-                increment_start = step
-            model.removed = removals[step]
-            optimizer = make_optimizer(model, dataclasses.replace(hp, lr=stage_lr))
-            if stepwise:
-                logger.log(f"step:{step}/{end} increment: removed_cot:{model.removed} of {train_set.layout.cot_len}, "
-                           f"optimizer reset")
-        if window_start is None:
-            synchronize()
-            window_start = time.perf_counter()
-        if cursor + local_batch > len(order):
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        batch = data[order[cursor:cursor + local_batch].to(DEVICE)]
-        cursor += local_batch
-        removed_rows = None
-        if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
-            offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
-            removed_rows = (model.removed + offsets).clamp(max=train_set.layout.cot_len).to(DEVICE)
-        with autocast():
-            loss = step_model(batch, removed_rows=removed_rows)
-        loss.backward()
-        if WORLD_SIZE > 1:
-            all_reduce_grads(params)
-        window_norms.append(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip).detach())
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, warmup, decay_start, end)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_losses.append(loss.detach())
-        step += 1
-        approx_time = train_time + time.perf_counter() - window_start
-        logger.log(f"step:{step}/{end} train_time:{1000 * approx_time:.0f}ms "
-                   f"step_avg:{1000 * approx_time / step:.2f}ms")
+    try:
+        while True:
+            if step % hp.eval_every == 0 or step == end or (stepwise and step in removals):
+                metrics = run_eval(step)
+                if model.removed == final_removed and (step > 0 or resumed):  # resumed: its saved best competes
+                    score = (metrics[accuracy_key], -metrics["loss"])
+                    improved = best is None or metrics[accuracy_key] > best[0]
+                    if best is None or score > best:
+                        best, best_step = score, step
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    # step 0 (resumed): patience goes on from the evaluations the earlier run made after this best
+                    stale_evals = progress.get("stale_evals", 0) if step == 0 else 0 if improved else stale_evals + 1
+                    if stepwise and stale_evals >= hp.stepwise_patience and decay_start > step:
+                        decay_start, end = step, min(end, step + hp.stepwise_decay_steps)
+                        logger.log(f"step:{step}/{end} no better validation accuracy in {stale_evals} evaluations: "
+                                   f"final decay until step {end}")
+            if hp.stage_minutes and train_time > 60 * hp.stage_minutes and step < end:
+                logger.log(f"step:{step} the --stage_minutes={hp.stage_minutes} budget is spent: stopping here")
+                end, cut = step, True  # train_time moves only at evaluations: this step's, just done, is the last
+                if model.removed != final_removed:
+                    logger.log(f"warning: the budget ran out with {model.removed} of {final_removed} CoT tokens "
+                               f"removed")
+            if step == end:
+                break
+            if step in removals:  # a stepwise increment: fewer CoT tokens, fresh optimizer (as the paper)
+                close_window(step)  # keep the recompile of a new shape out of a window's throughput
+                if removals[step] != model.removed:  # (resumed: the same count goes on)
+                    increment_start = step
+                model.removed = removals[step]
+                optimizer = make_optimizer(model, dataclasses.replace(hp, lr=stage_lr))
+                if stepwise:
+                    logger.log(f"step:{step}/{end} increment: removed_cot:{model.removed} of "
+                               f"{train_set.layout.cot_len}, optimizer reset")
+            if window_start is None:
+                synchronize()
+                window_start = time.perf_counter()
+            if cursor + local_batch > len(order):
+                order, cursor = torch.randperm(len(data), generator=generator), 0
+            batch = data[order[cursor:cursor + local_batch].to(DEVICE)]
+            cursor += local_batch
+            removed_rows = None
+            if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
+                offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
+                removed_rows = (model.removed + offsets).clamp(max=train_set.layout.cot_len).to(DEVICE)
+            with autocast():
+                loss = step_model(batch, removed_rows=removed_rows)
+            loss.backward()
+            if WORLD_SIZE > 1:
+                all_reduce_grads(params)
+            window_norms.append(torch.nn.utils.clip_grad_norm_(params, hp.grad_clip).detach())
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, warmup, decay_start, end)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_losses.append(loss.detach())
+            step += 1
+            approx_time = train_time + time.perf_counter() - window_start
+            logger.log(f"step:{step}/{end} train_time:{1000 * approx_time:.0f}ms "
+                       f"step_avg:{1000 * approx_time / step:.2f}ms")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a stepwise stage keeps its progress for --resume
+        if stepwise and MASTER:
+            checkpoint = os.path.join(hp.ckpt_dir, "stepwise.pt")
+            save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state,
+                            data_identity(train_set), logger.run_id,
+                            {"increment_steps": step - increment_start, "stale_evals": stale_evals, "finished": False})
+            logger.log(f"step:{step} interrupted: saved {checkpoint} with {model.removed} CoT tokens removed "
+                       f"(stepwise --resume goes on from here)")
+        raise
+
     if WORLD_SIZE > 1:  # data parallelism keeps every rank's weights identical; check it
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
         spread = torch.cat([checksum, -checksum])
@@ -1688,6 +1700,6 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
-            print("train_icot.py: interrupted: the stage's log so far is kept; it saved no checkpoint (a stage saves "
-                  "at its end, so --resume would continue an earlier run's stepwise.pt)", file=sys.stderr)
+            print("train_icot.py: interrupted: the stage's log so far is kept; a stepwise stage saved its progress "
+                  "(stepwise --resume goes on from it), the other stages save only at their end", file=sys.stderr)
         sys.exit(130)

@@ -394,6 +394,37 @@ def test_resume_goes_on_from_the_step_reached_in_the_increment(tmp_path):
         next((tmp_path / "logs1").glob("*.txt")).read_text())
 
 
+def test_an_interrupted_stepwise_stage_saves_its_progress_and_resume_goes_on_from_it(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (`timeout`) in a stepwise stage (hours on a CPU) saves stepwise.pt with the step reached:
+    --resume goes on from there. The other stages save nothing (they are not resumable)."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=1, eval_every=100,
+                                          stepwise_max_steps=40)  # an increment every 4 steps
+    real_lr_factor = icot.lr_factor
+
+    def stop_at_step_6(step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr_factor(step, *args)
+
+    monkeypatch.setattr(icot, "lr_factor", stop_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        icot.train_stage(hp, "stepwise", model, train_set, train_set)
+    saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
+    assert saved["removed"] == 2 and saved["progress"] == {"increment_steps": 2, "stale_evals": 0, "finished": False}
+    assert "step:6 interrupted: saved" in next((tmp_path / "logs").glob("*.txt")).read_text()
+    with pytest.raises(KeyboardInterrupt):
+        icot.train_stage(dataclasses.replace(hp, log_dir=str(tmp_path / "teacher_logs")), "teacher",
+                         icot.IcotModel("teacher", hp, train_set.layout), train_set, train_set, 10)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["stepwise.pt"]
+    monkeypatch.setattr(icot, "lr_factor", real_lr_factor)
+    resumed_hp = dataclasses.replace(hp, resume=True, log_dir=str(tmp_path / "resumed"), stepwise_max_steps=4)
+    icot.train_stage(resumed_hp, "stepwise", icot.build_stage_model("stepwise", resumed_hp, train_set.layout),
+                     train_set, train_set)
+    log = next((tmp_path / "resumed").glob("*.txt")).read_text()
+    assert "resumed with 2 of 8 CoT tokens removed, 2 steps into that increment" in log
+    assert re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M) == [("0", "2"), ("2", "3")]
+
+
 def test_a_cut_stage_evaluates_its_last_step_once(tmp_path):
     """--stage_minutes stops right after an evaluation (the training clock moves only there): that evaluation is the
     stage's last, not made twice (a second one of the same weights counted as one more without improvement)."""
