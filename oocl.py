@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -977,6 +978,8 @@ def write_sweep_outputs(args, results, commands):
     """The sweep's outputs in args.out_dir; `commands`: the command that trained the runs (a merged table: the
     parts' commands, then the merge's)."""
     os.makedirs(args.out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(args.out_dir, "sweep.json")):  # written last: a folder holds it once complete
+        os.remove(os.path.join(args.out_dir, "sweep.json"))
     with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run_name", "p", "holdout1", "holdout2", "k1", "k2", "k3", "hardwired", "seed", "steps",
@@ -1129,6 +1132,13 @@ def build_merge_parser():
     return parser
 
 
+def grid_setting(args, name):
+    """A setting as merge compares it: the grid's lists in any order."""
+    if name == "k":
+        return sorted(k_triples(args))
+    return sorted(getattr(args, name)) if name in ("holdout1", "holdout2") else getattr(args, name)
+
+
 def read_part(part):
     """A part's settings, commands and runs: {(run_name, seed): (runs.csv row, [history rows])}."""
     if not os.path.isdir(part):
@@ -1170,7 +1180,8 @@ def merge_parts(argv):
     for part, (other, _, runs) in parts.items():
         differ = [f"--{f.name} {getattr(settings, f.name)} in {first} but {getattr(other, f.name)} in {part}"
                   for f in dataclasses.fields(Hyperparameters)
-                  if f.name not in EXECUTION_SETTINGS and getattr(settings, f.name) != getattr(other, f.name)]
+                  if f.name not in EXECUTION_SETTINGS
+                  and grid_setting(settings, f.name) != grid_setting(other, f.name)]
         if differ:
             die("the parts are not one sweep: " + "; ".join(differ) + " (only the seeds and the execution settings "
                 "may differ; merge the parts that share their settings)")
@@ -1194,7 +1205,7 @@ def merge_parts(argv):
     check_writable_dir(args.out_dir, "out_dir")
     check_out_dir_free(args)
     commands = [command for _, part_commands, _ in parts.values() for command in part_commands]
-    commands.append(f"python {script_path()} merge " + " ".join(argv))
+    commands.append(f"python {script_path()} merge " + shlex.join(argv))
     print(write_sweep_outputs(args, results, commands))
     print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}: {len(results)} runs, seeds {' '.join(map(str, seeds))}")
     return results
@@ -1248,7 +1259,7 @@ def main(argv):
             return None
         mine = {i: result for part in gathered for i, result in part.items()}
     results = [mine[i] for i in range(len(specs))]
-    command = f"python {script_path()} sweep " + " ".join(argv[1:])
+    command = f"python {script_path()} sweep " + shlex.join(argv[1:])
     print(write_sweep_outputs(args, results, [command]))
     print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}")
     return results

@@ -366,6 +366,15 @@ def autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else nullcontext()
 
 
+def any_rank(flag):
+    """True on every rank when it is True on one (a decision the ranks must take together)."""
+    if WORLD_SIZE == 1:
+        return bool(flag)
+    tensor = torch.tensor([float(flag)], device=DEVICE)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_reduce_sum(values):
     """Sum a list of floats over ranks (evaluation shards)."""
     if WORLD_SIZE == 1:
@@ -1072,7 +1081,10 @@ class Logger:
         if MASTER:
             self.file.write(line + "\n")  # the file first: a run stopped right after a printed line has it too
             self.file.flush()
-            print(line, flush=True)
+            try:
+                print(line, flush=True)
+            except BrokenPipeError:  # the console's reader is gone (`| tee` stopped by the same Ctrl-C, `| head`):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the file has every line
 
     def close(self):
         if DEVICE.type == "cuda":
@@ -1212,13 +1224,15 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     use_compile = hp.compile == "true" or (hp.compile == "auto" and DEVICE.type == "cuda")
     step_model = torch.compile(model) if use_compile else model
     local_batch = hp.batch_size // WORLD_SIZE
-    generator = torch.Generator().manual_seed(hp.seed + RANK)
-    data = train_set.tokens.to(DEVICE)
-    order, cursor = torch.randperm(len(data), generator=generator), 0
     stepwise = steps is None
-    removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
     resumed = stepwise and model.removed > 0  # a fresh stepwise model starts with its CoT
     progress = getattr(model, "progress", {}) if resumed else {}  # where it stopped (saved at the end of this function)
+    trained_before = progress.get("trained_steps", 0)  # the steps of a resumed stage's earlier parts
+    # a resumed stage's batches and removal offsets are drawn anew: its first seed would replay the earlier parts'
+    generator = torch.Generator().manual_seed(hp.seed + RANK + 1_000_003 * trained_before)
+    data = train_set.tokens.to(DEVICE)
+    order, cursor = torch.randperm(len(data), generator=generator), 0
+    removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
     if resumed:  # from the step it had reached in its increment (a fresh optimizer, as at any increment)
         first = min(start for start, removed in removals.items() if removed >= model.removed)
         origin = first + (progress.get("increment_steps", 0) if removals[first] == model.removed else 0)
@@ -1283,7 +1297,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     step = 0
     try:
         while True:
-            if step % hp.eval_every == 0 or step == end or (stepwise and step in removals):
+            run_evaluation = step % hp.eval_every == 0 or step == end or (stepwise and step in removals)
+            if run_evaluation:
                 metrics = run_eval(step)
                 if model.removed == final_removed and (step > 0 or resumed):  # resumed: its saved best competes
                     score = (metrics[accuracy_key], -metrics["loss"])
@@ -1297,7 +1312,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
                         decay_start, end = step, min(end, step + hp.stepwise_decay_steps)
                         logger.log(f"step:{step}/{end} no better validation accuracy in {stale_evals} evaluations: "
                                    f"final decay until step {end}")
-            if hp.stage_minutes and train_time > 60 * hp.stage_minutes and step < end:
+            # every rank's clock runs on its own: they stop together, at an evaluation, when one is past the budget
+            if run_evaluation and hp.stage_minutes and any_rank(train_time > 60 * hp.stage_minutes) and step < end:
                 logger.log(f"step:{step} the --stage_minutes={hp.stage_minutes} budget is spent: stopping here")
                 end, cut = step, True  # train_time moves only at evaluations: this step's, just done, is the last
                 if model.removed != final_removed:
@@ -1340,14 +1356,17 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             approx_time = train_time + time.perf_counter() - window_start
             logger.log(f"step:{step}/{end} train_time:{1000 * approx_time:.0f}ms "
                        f"step_avg:{1000 * approx_time / step:.2f}ms")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a stepwise stage keeps its progress for --resume
-        if stepwise and MASTER:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a stepwise stage that trained keeps its progress for --resume
+        if stepwise and MASTER and step > 0:  # (at step 0 an earlier run's stepwise.pt stays as it is)
             checkpoint = os.path.join(hp.ckpt_dir, "stepwise.pt")
             save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state,
                             data_identity(train_set), logger.run_id,
-                            {"increment_steps": step - increment_start, "stale_evals": stale_evals, "finished": False})
-            logger.log(f"step:{step} interrupted: saved {checkpoint} with {model.removed} CoT tokens removed "
-                       f"(stepwise --resume goes on from here)")
+                            {"increment_steps": step - increment_start, "stale_evals": stale_evals, "finished": False,
+                             "trained_steps": trained_before + step})
+            logger.log(f"step:{step} interrupted: saved {checkpoint} ({model.removed} CoT tokens removed"
+                       + (", the best weights of its no-CoT phase" if best_state is not None else "")
+                       + "): stepwise --resume goes on from it")
+            raise KeyboardInterrupt(checkpoint)  # for the one line the script ends with
         raise
 
     if WORLD_SIZE > 1:  # data parallelism keeps every rank's weights identical; check it
@@ -1369,7 +1388,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     if MASTER:
         checkpoint = os.path.join(hp.ckpt_dir, f"{kind}.pt")
         progress = {"increment_steps": end - increment_start, "stale_evals": stale_evals,
-                    "finished": not cut and model.removed == final_removed} if stepwise else None
+                    "finished": not cut and model.removed == final_removed,
+                    "trained_steps": trained_before + end} if stepwise else None
         save_checkpoint(checkpoint, model, getattr(model, "teacher_path", None), best_state, data_identity(train_set),
                         logger.run_id, progress)
         logger.log(f"checkpoint: {checkpoint}")
@@ -1698,8 +1718,10 @@ if __name__ == "__main__":
     except UserError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
+    except KeyboardInterrupt as stop:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
-            print("train_icot.py: interrupted: the stage's log so far is kept; a stepwise stage saved its progress "
-                  "(stepwise --resume goes on from it), the other stages save only at their end", file=sys.stderr)
+            print("train_icot.py: interrupted: the stage's log so far is kept; " + (
+                f"saved {stop.args[0]}: stepwise --resume goes on from it" if stop.args else
+                "no checkpoint saved (a stage saves at its end, a stepwise stage also when stopped after a step)"),
+                file=sys.stderr)
         sys.exit(130)

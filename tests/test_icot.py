@@ -396,33 +396,44 @@ def test_resume_goes_on_from_the_step_reached_in_the_increment(tmp_path):
 
 def test_an_interrupted_stepwise_stage_saves_its_progress_and_resume_goes_on_from_it(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM (`timeout`) in a stepwise stage (hours on a CPU) saves stepwise.pt with the step reached:
-    --resume goes on from there. The other stages save nothing (they are not resumable)."""
+    --resume goes on from there, with batches drawn anew (its first seed would replay the first part's). A run
+    stopped before it trained a step, and the other stages (not resumable), leave the checkpoints as they are."""
     hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=1, eval_every=100,
                                           stepwise_max_steps=40)  # an increment every 4 steps
-    real_lr_factor = icot.lr_factor
+    real_lr_factor, real_offsets, seeds = icot.lr_factor, icot.removal_offsets, set()
+    stop_at = {"step": 6}
 
-    def stop_at_step_6(step, *args):
-        if step == 6:
+    def stop_at_step(step, *args):
+        if step == stop_at["step"]:
             raise KeyboardInterrupt
         return real_lr_factor(step, *args)
 
-    monkeypatch.setattr(icot, "lr_factor", stop_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(icot, "lr_factor", stop_at_step)
+    monkeypatch.setattr(icot, "removal_offsets", lambda *a: seeds.add(a[2].initial_seed()) or real_offsets(*a))
+    with pytest.raises(KeyboardInterrupt) as stop:
         icot.train_stage(hp, "stepwise", model, train_set, train_set)
-    saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
-    assert saved["removed"] == 2 and saved["progress"] == {"increment_steps": 2, "stale_evals": 0, "finished": False}
+    checkpoint = tmp_path / "ckpt" / "stepwise.pt"
+    assert stop.value.args == (str(checkpoint),)  # the script's last line names it
+    saved = torch.load(checkpoint)
+    assert saved["removed"] == 2 and saved["progress"] == {"increment_steps": 2, "stale_evals": 0, "finished": False,
+                                                          "trained_steps": 6}
     assert "step:6 interrupted: saved" in next((tmp_path / "logs").glob("*.txt")).read_text()
-    with pytest.raises(KeyboardInterrupt):
-        icot.train_stage(dataclasses.replace(hp, log_dir=str(tmp_path / "teacher_logs")), "teacher",
-                         icot.IcotModel("teacher", hp, train_set.layout), train_set, train_set, 10)
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["stepwise.pt"]
+    stop_at["step"] = 0
+    for kind, steps in (("stepwise", None), ("teacher", 10)):
+        with pytest.raises(KeyboardInterrupt) as stop:
+            icot.train_stage(dataclasses.replace(hp, log_dir=str(tmp_path / f"{kind}_logs")), kind,
+                             icot.IcotModel(kind, hp, train_set.layout), train_set, train_set, steps)
+        assert stop.value.args == ()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["stepwise.pt"] and torch.load(checkpoint)["removed"] == 2
     monkeypatch.setattr(icot, "lr_factor", real_lr_factor)
+    seeds.clear()
     resumed_hp = dataclasses.replace(hp, resume=True, log_dir=str(tmp_path / "resumed"), stepwise_max_steps=4)
     icot.train_stage(resumed_hp, "stepwise", icot.build_stage_model("stepwise", resumed_hp, train_set.layout),
                      train_set, train_set)
     log = next((tmp_path / "resumed").glob("*.txt")).read_text()
     assert "resumed with 2 of 8 CoT tokens removed, 2 steps into that increment" in log
     assert re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M) == [("0", "2"), ("2", "3")]
+    assert seeds == {hp.seed + 1_000_003 * 6} and torch.load(checkpoint)["progress"]["trained_steps"] == 6 + 4
 
 
 def test_a_cut_stage_evaluates_its_last_step_once(tmp_path):
@@ -1024,6 +1035,50 @@ def test_data_parallel_all_writes_once_on_rank_0(tiny_run, tmp_path):
     assert int(rows["no CoT baseline"][1]) == chain
 
 
+def test_ranks_stop_a_stage_together(tmp_path):
+    """--stage_minutes: each rank times its own steps, so one may be past the budget at an evaluation where another
+    is not; stopping alone would leave the other waiting in a collective. any_rank makes it one decision."""
+    script = tmp_path / "agree.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\nimport train_icot as icot\n"
+                      "icot.setup_distributed()\n"
+                      "answers = icot.any_rank(icot.RANK == 1), icot.any_rank(False)\n"
+                      "open(f'rank{icot.RANK}.txt', 'w').write(repr(answers))\n"
+                      "icot.dist.barrier()\nicot.dist.destroy_process_group()\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    # (the answers, not the exit code: gloo's teardown aborts a few % of two-process CPU runs at exit, see oocl.py)
+    answers = [(tmp_path / f"rank{rank}.txt") for rank in (0, 1)]
+    assert all(a.exists() for a in answers), run.stderr[-2000:]
+    assert [a.read_text() for a in answers] == ["(True, False)"] * 2
+
+
+def test_a_closed_console_does_not_stop_a_stage(tmp_path):
+    """The console's reader gone (`| head`, or `| tee` stopped by the same Ctrl-C): the stage goes on, its log file
+    keeps every line."""
+    command = [sys.executable, str(REPO_ROOT / "train_icot.py"), "teacher", "--preset=tiny", "--teacher_steps=3",
+               "--eval_every=2", "--train_lines=300", "--eval_lines=20", f"--data_dir={tmp_path}/data",
+               f"--ckpt_dir={tmp_path}/ckpt", f"--log_dir={tmp_path}/logs"]
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO_ROOT)  # writes the data (its own prints)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader: the stage's first print fails with a broken pipe
+    process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    os.close(write_end)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    logs = sorted((tmp_path / "logs").glob("*.txt"), key=os.path.getmtime)
+    assert len(logs) == 2 and "stage teacher done" in logs[-1].read_text()
+
+
+def test_a_log_line_is_in_the_file_before_it_is_printed(tmp_path, monkeypatch):
+    """A run stopped right after printing a line (Ctrl-C on seeing it) must still have that line in its log."""
+    logger = icot.Logger(tiny_hp(log_dir=str(tmp_path)), "order")
+    in_file_when_printed = []
+    monkeypatch.setattr("builtins.print", lambda line, **kwargs: in_file_when_printed.append(
+        open(logger.path).read().endswith(line + "\n")))
+    logger.log("step:1/2 train_time:1ms")
+    assert in_file_when_printed == [True]
+
+
 def test_each_rank_uses_its_own_gpu():
     assert icot.rank_device(3, cuda_available=True) == torch.device("cuda:3")
     assert icot.rank_device(3, cuda_available=False) == torch.device("cpu")
@@ -1037,12 +1092,19 @@ def test_sweep_table_reads_the_logs_of_the_folder_it_is_given(tmp_path):
         (tmp_path / "logs" / name).mkdir(parents=True)
         (tmp_path / "logs" / name / "run.txt").write_text(
             "step:1500/3000 removed_cot:24 val_loss:0.5 ppl:1.6 accuracy:0.5\n"
-            f"step:3000/3000 removed_cot:24 val_loss:{loss} ppl:2.2 accuracy:0.015 digit_accuracy:1.0\n")
-    # a run cut short by a time limit, beside its finished rerun: left out, and named
+            f"step:3000/3000 removed_cot:24 val_loss:{loss} ppl:2.2 accuracy:0.015 digit_accuracy:1.0\n"
+            "stage nocot done: 3000 steps, wall time 9.0s, train time 8.0s\n")
+    # a run cut short by a time limit, beside its finished rerun: left out, and named; one that --stage_minutes
+    # stopped is finished: its last evaluation counts
     (tmp_path / "logs" / "nocot_lr1e-2_emb1_wd0" / "cut.txt").write_text(
         "step:1500/3000 removed_cot:24 val_loss:0.5 ppl:1.6 accuracy:0.5\n")
+    (tmp_path / "logs" / "nocot_lr1e-3_emb1_wd0").mkdir()
+    (tmp_path / "logs" / "nocot_lr1e-3_emb1_wd0" / "run.txt").write_text(
+        "step:1500/3000 removed_cot:24 val_loss:0.9 ppl:1.6 accuracy:0.25\n"
+        "step:1500 the --stage_minutes=2.0 budget is spent: stopping here\nstage nocot done: 1500 steps\n")
     done = subprocess.run([sys.executable, table, tmp_path], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[2:] == ["| nocot | 0.003 | 10 | 0.1 | 3000 | 0.7800 | 0.015 |",
+                                            "| nocot | 0.001 | 1 | 0 | 1500 | 0.9000 | 0.250 |",
                                             "| nocot | 0.01 | 1 | 0 | 3000 | 1.2200 | 0.015 |"]
     assert "left out 1 log(s) with no final evaluation" in done.stderr and "cut.txt" in done.stderr
     own = subprocess.run([sys.executable, table], capture_output=True, text=True, check=True).stdout
@@ -1070,4 +1132,4 @@ def test_ctrl_c_ends_a_stage_with_one_line(tmp_path, sig):
                                    f"--log_dir={tmp_path}/logs"], "step:1/", REPO_ROOT, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("train_icot.py: interrupted: the stage's log so far is kept")
-    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # written before it was printed
+    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # the log is kept

@@ -1,7 +1,9 @@
 """oocl.py: data and its variants, the diagnostics, the controls, early stopping, bad input and the command
 line, batched-sweep == single-run, the sweep's outputs, and the sweep split over 2 processes (gloo)."""
 import csv
+import dataclasses
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -526,8 +528,11 @@ def parts(tmp_path_factory):
     sweep = ["sweep", "--preset", "tiny", "--k", "1", "0", "0", "1", "1", "1", "--no-controls", "--steps", "2",
              "--eval_every", "2", "--quiet", "--log_dir", str(folder / "logs")]
     for name, extra in (("s0", ["--seeds", "0"]), ("s1", ["--seeds", "1"]), ("lr", ["--seeds", "2", "--lr", "2e-3"]),
-                        ("again0", ["--seeds", "0", "--threads", "2"])):
+                        ("again0", ["--seeds", "0", "--threads", "2"]), ("reordered", ["--seeds", "3"])):
         oocl.main(sweep + extra + ["--out_dir", str(folder / name)])
+    (folder / "reordered" / "sweep.json").write_text((folder / "reordered" / "sweep.json").read_text().replace(
+        '"k": [\n   1.0,\n   0.0,\n   0.0,\n   1.0,\n   1.0,\n   1.0\n  ]',
+        '"k": [\n   1.0,\n   1.0,\n   1.0,\n   1.0,\n   0.0,\n   0.0\n  ]'))  # as if run with --k 1 1 1 1 0 0
     (folder / "stopped").mkdir()  # a part stopped before it wrote its outputs
     shutil.copy(folder / "s1" / "runs.csv", folder / "stopped" / "runs.csv")
     shutil.copytree(folder / "s1", folder / "cut")
@@ -568,6 +573,37 @@ def test_merge_under_torchrun_writes_once_on_rank_0(parts, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert len(oocl.main(["merge", "--out_dir", "by_rank_0", "s0", "s1"])) == 4
     shutil.rmtree(parts / "by_rank_0")  # the module's parts folder is shared by the tests that follow
+
+
+def test_merge_takes_the_grid_in_any_order_and_names_paths_as_a_shell_reads_them(parts, monkeypatch):
+    monkeypatch.chdir(parts)
+    assert oocl.parse_args(["sweep", "--k", "1", "1", "1", "1", "0", "0", "--log_dir", "logs", "--out_dir", "x"])[1].k \
+        == json.loads((parts / "reordered" / "sweep.json").read_text())["hyperparameters"]["k"]
+    results = oocl.main(["merge", "--out_dir", "any order", "s0", "reordered"])
+    assert sorted({r["spec"].seed for r in results}) == [0, 3] and len(results) == 4
+    assert "- `python oocl.py merge --out_dir 'any order' s0 reordered`" in (parts / "any order" / "table.md").read_text()
+    shutil.rmtree(parts / "any order")
+
+
+def test_an_unfinished_rewrite_of_a_sweeps_outputs_is_no_part_to_merge(parts, monkeypatch):
+    """sweep.json is written last, and removed first when a sweep's outputs are written again (--overwrite): a rewrite
+    stopped half-way leaves no sweep.json beside the new runs.csv, so merge refuses the folder."""
+    monkeypatch.chdir(parts)
+    shutil.copytree(parts / "s1", parts / "rewritten")
+    settings, _, runs = oocl.read_part("rewritten")
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oocl, "plot_heatmap", stopped)
+    results = [dict(spec=oocl.RunSpec(0.5, 0.5, (k1, k2, k3), 1), final=history[-1], history=history,
+                    stop_step=int(row["stop_step"]), log=row["log"])
+               for (name, seed), (row, history) in runs.items()
+               for k1, k2, k3 in [tuple(float(row[key]) for key in ("k1", "k2", "k3"))]]
+    with pytest.raises(KeyboardInterrupt):
+        oocl.write_sweep_outputs(dataclasses.replace(settings, out_dir="rewritten"), results, ["python oocl.py sweep"])
+    assert not (parts / "rewritten" / "sweep.json").exists() and (parts / "rewritten" / "runs.csv").exists()
+    shutil.rmtree(parts / "rewritten")
 
 
 @pytest.fixture
@@ -652,4 +688,4 @@ def test_ctrl_c_ends_a_run_with_one_line(tmp_path, sig):
                                    f"--log_dir={tmp_path}/logs"], "step:1/", tmp_path, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("oocl.py: interrupted: the run logs so far are kept")
-    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # written before it was printed
+    assert "step:1/" in next((tmp_path / "logs").glob("*.txt")).read_text()  # the log is kept

@@ -976,6 +976,16 @@ def test_train_batches_split_each_step_between_ranks(tiny_data):
             assert torch.equal(targets, torch.from_numpy(tokens[start + 1:start + 513].astype(np.int64)))
 
 
+def test_a_log_line_is_in_the_file_before_it_is_printed(tmp_path, monkeypatch):
+    """A run stopped right after printing a line (Ctrl-C on seeing it) must still have that line in its log."""
+    log = tg.Logger(tg.parse_args(["--preset=tiny", f"--log_dir={tmp_path}"]), is_master=True)
+    in_file_when_printed = []
+    monkeypatch.setattr("builtins.print", lambda text, **kwargs: in_file_when_printed.append(
+        open(log.path).read().endswith(text + "\n")))
+    log("step:1/2 train_time:1ms")
+    assert in_file_when_printed == [True]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
 def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path, sig):
     code, stderr = interrupt_when([sys.executable, str(SCRIPT), *tiny_args(tiny_data, f"--log_dir={tmp_path}/logs")],

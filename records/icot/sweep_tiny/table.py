@@ -15,11 +15,11 @@ for log in glob.glob(os.path.join(folder, "logs", "*", "*.txt")) + glob.glob(os.
     name = os.path.basename(os.path.dirname(log))
     stage, lr, mult, wd = re.fullmatch(r"(\w+?)_lr(\S+)_emb(\S+)_wd(\S+)", name).groups()
     text = (gzip.open if log.endswith(".gz") else open)(log, "rt").read()
-    final = re.findall(r"^step:(\d+)/\1 removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", text, re.M)
-    if not final:  # stopped before its last evaluation (a time limit): sweep.sh runs it again beside this log
+    evals = re.findall(r"^step:(\d+)/\d+ removed_cot:\d+ val_loss:(\S+) ppl:\S+ accuracy:(\S+)", text, re.M)
+    if not re.search(r"^stage \w+ done", text, re.M):  # stopped (a time limit): sweep.sh runs it again beside this log
         unfinished.append(log)
         continue
-    steps, loss, accuracy = final[-1]
+    steps, loss, accuracy = evals[-1]  # the last evaluation (at the last step, or where --stage_minutes stopped it)
     rows.append((stage, float(loss), float(lr), float(mult), float(wd), float(accuracy), int(steps)))
 if unfinished:
     print(f"table.py: left out {len(unfinished)} log(s) with no final evaluation (runs cut short; remove them once "
