@@ -1166,7 +1166,6 @@ def read_part(part):
 
 def merge_parts(argv):
     options = build_merge_parser().parse_args(argv)
-    options.__dict__.pop("_given", None)
     out_dir = os.path.realpath(options.out_dir)
     if out_dir in {os.path.realpath(part) for part in options.parts}:
         die(f"--out_dir {options.out_dir} is one of the parts: the merge would replace that part's outputs; "
@@ -1176,8 +1175,9 @@ def merge_parts(argv):
         if os.path.realpath(part) in {os.path.realpath(p) for p in parts}:
             die(f"{part} is given twice; list each part once")
         parts[part] = read_part(part)
-    (first, (settings, _, _)), part_of_seed = next(iter(parts.items())), {}
-    for part, (other, _, runs) in parts.items():
+    first = options.parts[0]
+    settings, part_of_seed = parts[first][0], {}
+    for part, (other, _, _) in parts.items():
         differ = [f"--{f.name} {getattr(settings, f.name)} in {first} but {getattr(other, f.name)} in {part}"
                   for f in dataclasses.fields(Hyperparameters)
                   if f.name not in EXECUTION_SETTINGS

@@ -1,9 +1,7 @@
 """oocl.py: data and its variants, the diagnostics, the controls, early stopping, bad input and the command
 line, batched-sweep == single-run, the sweep's outputs, and the sweep split over 2 processes (gloo)."""
 import csv
-import dataclasses
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -521,18 +519,21 @@ def test_merged_parts_of_a_sweep_split_by_seed_give_the_whole_sweeps_outputs(tmp
     assert {row["seed"] for row in read_csv(tmp_path / "three" / "runs.csv")} == {"0", "1", "2"}
 
 
+# a part of a short sweep: its seeds and --out_dir added; K_100_111 the grid's loss weights
+PART = ["sweep", "--preset", "tiny", "--no-controls", "--steps", "2", "--eval_every", "2", "--quiet"]
+K_100_111 = ["--k", "1", "0", "0", "1", "1", "1"]
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    """Parts of a short sweep (seeds 0 and 1), a part with another lr, and one with seed 0 again."""
+    """Parts of a short sweep (seeds 0 and 1), a part with another lr, one with seed 0 again, one with the grid's
+    k triples in the other order, and damaged copies."""
     folder = tmp_path_factory.mktemp("parts")
-    sweep = ["sweep", "--preset", "tiny", "--k", "1", "0", "0", "1", "1", "1", "--no-controls", "--steps", "2",
-             "--eval_every", "2", "--quiet", "--log_dir", str(folder / "logs")]
-    for name, extra in (("s0", ["--seeds", "0"]), ("s1", ["--seeds", "1"]), ("lr", ["--seeds", "2", "--lr", "2e-3"]),
-                        ("again0", ["--seeds", "0", "--threads", "2"]), ("reordered", ["--seeds", "3"])):
-        oocl.main(sweep + extra + ["--out_dir", str(folder / name)])
-    (folder / "reordered" / "sweep.json").write_text((folder / "reordered" / "sweep.json").read_text().replace(
-        '"k": [\n   1.0,\n   0.0,\n   0.0,\n   1.0,\n   1.0,\n   1.0\n  ]',
-        '"k": [\n   1.0,\n   1.0,\n   1.0,\n   1.0,\n   0.0,\n   0.0\n  ]'))  # as if run with --k 1 1 1 1 0 0
+    for name, extra in (("s0", K_100_111 + ["--seeds", "0"]), ("s1", K_100_111 + ["--seeds", "1"]),
+                        ("lr", K_100_111 + ["--seeds", "2", "--lr", "2e-3"]),
+                        ("again0", K_100_111 + ["--seeds", "0", "--threads", "2"]),
+                        ("reordered", ["--k", "1", "1", "1", "1", "0", "0", "--seeds", "3"])):
+        oocl.main(PART + extra + ["--log_dir", str(folder / "logs"), "--out_dir", str(folder / name)])
     (folder / "stopped").mkdir()  # a part stopped before it wrote its outputs
     shutil.copy(folder / "s1" / "runs.csv", folder / "stopped" / "runs.csv")
     shutil.copytree(folder / "s1", folder / "cut")
@@ -577,8 +578,6 @@ def test_merge_under_torchrun_writes_once_on_rank_0(parts, monkeypatch):
 
 def test_merge_takes_the_grid_in_any_order_and_names_paths_as_a_shell_reads_them(parts, monkeypatch):
     monkeypatch.chdir(parts)
-    assert oocl.parse_args(["sweep", "--k", "1", "1", "1", "1", "0", "0", "--log_dir", "logs", "--out_dir", "x"])[1].k \
-        == json.loads((parts / "reordered" / "sweep.json").read_text())["hyperparameters"]["k"]
     results = oocl.main(["merge", "--out_dir", "any order", "s0", "reordered"])
     assert sorted({r["spec"].seed for r in results}) == [0, 3] and len(results) == 4
     assert "- `python oocl.py merge --out_dir 'any order' s0 reordered`" in (parts / "any order" / "table.md").read_text()
@@ -590,18 +589,13 @@ def test_an_unfinished_rewrite_of_a_sweeps_outputs_is_no_part_to_merge(parts, mo
     stopped half-way leaves no sweep.json beside the new runs.csv, so merge refuses the folder."""
     monkeypatch.chdir(parts)
     shutil.copytree(parts / "s1", parts / "rewritten")
-    settings, _, runs = oocl.read_part("rewritten")
 
     def stopped(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(oocl, "plot_heatmap", stopped)
-    results = [dict(spec=oocl.RunSpec(0.5, 0.5, (k1, k2, k3), 1), final=history[-1], history=history,
-                    stop_step=int(row["stop_step"]), log=row["log"])
-               for (name, seed), (row, history) in runs.items()
-               for k1, k2, k3 in [tuple(float(row[key]) for key in ("k1", "k2", "k3"))]]
     with pytest.raises(KeyboardInterrupt):
-        oocl.write_sweep_outputs(dataclasses.replace(settings, out_dir="rewritten"), results, ["python oocl.py sweep"])
+        oocl.main(PART + K_100_111 + ["--seeds", "1", "--log_dir", "logs", "--out_dir", "rewritten", "--overwrite"])
     assert not (parts / "rewritten" / "sweep.json").exists() and (parts / "rewritten" / "runs.csv").exists()
     shutil.rmtree(parts / "rewritten")
 
