@@ -97,6 +97,15 @@ HELP = {  # the comment beside each field, for --help
 }
 
 
+def say(text):
+    """A line on the console. The console's reader gone (`| head`, or `| tee` stopped by the same Ctrl-C): the run goes
+    on, its log files have every line."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def die(message):
     """A user's mistake: one line on stderr, exit code 2, nothing trained."""
     print(f"oocl.py: error: {message}", file=sys.stderr)
@@ -740,8 +749,8 @@ class RunLogs:
             self.files.append(f)
             self.paths.append(path)
         if echo:
-            print("\n".join(env), flush=True)
-            print(f"run_name: {run_name(args.p, specs[0])} seed: {specs[0].seed}\n{args!r}", flush=True)
+            say("\n".join(env))
+            say(f"run_name: {run_name(args.p, specs[0])} seed: {specs[0].seed}\n{args!r}")
 
     def each(self, lines, echo=True):
         """lines[r] to run r's log (None: nothing, the run has stopped); with echo, the first run's line to stdout."""
@@ -750,7 +759,7 @@ class RunLogs:
                 f.write(line + "\n")
                 f.flush()
         if self.echo and echo and lines[0] is not None:
-            print(lines[0], flush=True)
+            say(lines[0])
 
     def close(self):
         for f in self.files:
@@ -817,9 +826,9 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
                        for r, a in enumerate(active)])
             if not echo:
                 accs = [m["op1_test_acc"] for m in metrics]
-                print(f"step:{step}/{args.steps} runs:{len(specs)} running:{stop_step.count(None)} "
-                      f"op1_test_acc mean:{sum(accs) / len(accs):.3f} min:{min(accs):.3f} max:{max(accs):.3f} "
-                      f"train_time:{train_time_ms:.0f}ms step_avg:{step_avg}ms", flush=True)
+                say(f"step:{step}/{args.steps} runs:{len(specs)} running:{stop_step.count(None)} "
+                    f"op1_test_acc mean:{sum(accs) / len(accs):.3f} min:{min(accs):.3f} max:{max(accs):.3f} "
+                    f"train_time:{train_time_ms:.0f}ms step_avg:{step_avg}ms")
         if None not in stop_step:
             break
         if device.type == "cuda":
@@ -886,8 +895,8 @@ def train_runs(args, specs, echo=False, device=None, rank=0, world_size=1):
         for i, result in zip(chunk, train_group(args, [specs[i] for i in chunk], device, echo, rank, world_size)):
             results[i] = result
         if not echo:
-            print(f"progress: rank {rank}/{world_size} runs done {len(results)}/{total} (grid {len(specs)}) "
-                  f"elapsed {time.perf_counter() - start:.0f}s", flush=True)
+            say(f"progress: rank {rank}/{world_size} runs done {len(results)}/{total} (grid {len(specs)}) "
+                f"elapsed {time.perf_counter() - start:.0f}s")
     return results
 
 
@@ -1206,8 +1215,8 @@ def merge_parts(argv):
     check_out_dir_free(args)
     commands = [command for _, part_commands, _ in parts.values() for command in part_commands]
     commands.append(f"python {script_path()} merge " + shlex.join(argv))
-    print(write_sweep_outputs(args, results, commands))
-    print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}: {len(results)} runs, seeds {' '.join(map(str, seeds))}")
+    say(write_sweep_outputs(args, results, commands))
+    say(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}: {len(results)} runs, seeds {' '.join(map(str, seeds))}")
     return results
 
 
@@ -1238,15 +1247,15 @@ def main(argv):
     rank, world_size, local_rank = distributed_env()
     if mode == "single":
         if rank != 0:
-            print(f"oocl.py: rank {rank} of {world_size}: a single run trains on rank 0 only; this rank exits", flush=True)
+            say(f"oocl.py: rank {rank} of {world_size}: a single run trains on rank 0 only; this rank exits")
             return None
         result = train_runs(args, specs, echo=True, device=rank_device(local_rank))[0]
-        print(f"log: {result['log']}")
+        say(f"log: {result['log']}")
         return result
     if rank == 0:
-        print(f"sweep: {len(specs)} runs ({len(args.holdout1)} holdout1 x {len(args.holdout2)} holdout2 x "
-              f"{len(specs) // (len(args.holdout1) * len(args.holdout2) * len(args.seeds))} arms x {len(args.seeds)} "
-              f"seeds), p={args.p}, {args.steps} steps, {world_size} process(es)", flush=True)
+        say(f"sweep: {len(specs)} runs ({len(args.holdout1)} holdout1 x {len(args.holdout2)} holdout2 x "
+            f"{len(specs) // (len(args.holdout1) * len(args.holdout2) * len(args.seeds))} arms x {len(args.seeds)} "
+            f"seeds), p={args.p}, {args.steps} steps, {world_size} process(es)")
     if world_size > 1:
         dist.init_process_group("gloo")  # the ranks exchange only the results: python objects on the CPU
     mine = train_runs(args, specs, echo=False, device=rank_device(local_rank), rank=rank, world_size=world_size)
@@ -1260,8 +1269,8 @@ def main(argv):
         mine = {i: result for part in gathered for i, result in part.items()}
     results = [mine[i] for i in range(len(specs))]
     command = f"python {script_path()} sweep " + shlex.join(argv[1:])
-    print(write_sweep_outputs(args, results, [command]))
-    print(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}")
+    say(write_sweep_outputs(args, results, [command]))
+    say(f"wrote {args.out_dir}/{', '.join(SWEEP_OUTPUTS)}")
     return results
 
 

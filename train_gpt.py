@@ -1015,7 +1015,10 @@ class Logger:
         self.file.write(text + "\n")  # the file first: a run stopped right after a printed line has it too
         self.file.flush()
         if console:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:  # the console's reader is gone (`| head`, or `| tee` stopped by the same Ctrl-C):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the run goes on, the file has all
 
 
 def gpu_list(use_cuda):

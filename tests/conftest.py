@@ -50,3 +50,15 @@ def interrupt_when(command, marker, cwd, env=None, sig=signal.SIGINT):
             break
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr
+
+
+def run_with_closed_console(command, cwd):
+    """Runs command with a stdout nobody reads (`| head` after its lines, or `| tee` stopped by the same Ctrl-C): its
+    first print meets a broken pipe. Returns (exit code, stderr)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(write_end)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr

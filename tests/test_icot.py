@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_when
+from conftest import interrupt_when, run_with_closed_console
 import torch
 
 import train_icot as icot
@@ -1059,12 +1059,8 @@ def test_a_closed_console_does_not_stop_a_stage(tmp_path):
                "--eval_every=2", "--train_lines=300", "--eval_lines=20", f"--data_dir={tmp_path}/data",
                f"--ckpt_dir={tmp_path}/ckpt", f"--log_dir={tmp_path}/logs"]
     subprocess.run(command, check=True, capture_output=True, cwd=REPO_ROOT)  # writes the data (its own prints)
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # no reader: the stage's first print fails with a broken pipe
-    process = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    os.close(write_end)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
+    code, stderr = run_with_closed_console(command, REPO_ROOT)
+    assert code == 0, stderr[-2000:]
     logs = sorted((tmp_path / "logs").glob("*.txt"), key=os.path.getmtime)
     assert len(logs) == 2 and "stage teacher done" in logs[-1].read_text()
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_when
+from conftest import interrupt_when, run_with_closed_console
 import torch
 
 import oocl
@@ -674,6 +674,19 @@ def test_two_process_single_run_trains_once(tmp_path):
     out, stdout = torchrun(tmp_path, "single", 2, "--steps", "5", "--eval_every", "5")
     assert len(os.listdir(out / "logs")) == 1
     assert "rank 1 of 2: a single run trains on rank 0 only" in stdout
+
+
+@pytest.mark.parametrize("mode", ["single", "sweep"])
+def test_a_closed_console_does_not_stop_a_run_or_a_sweep(tmp_path, mode):
+    """The console's reader gone (`| head`, or `| tee` stopped by the same Ctrl-C): the run goes on to its end, its log
+    keeps every line; a sweep writes its table."""
+    code, stderr = run_with_closed_console([sys.executable, str(REPO_ROOT / "oocl.py"), *(["sweep"] * (mode == "sweep")),
+                                            "--preset=tiny", "--steps=4", "--eval_every=2", "--no-controls",
+                                            f"--log_dir={tmp_path}/logs", f"--out_dir={tmp_path}/sweep"], tmp_path)
+    assert code == 0 and "Traceback" not in stderr, stderr[-2000:]
+    logs = [log.read_text() for log in (tmp_path / "logs").glob("*.txt")]
+    assert logs and all("step:4/4" in log for log in logs)
+    assert (mode == "sweep") == (tmp_path / "sweep" / "table.md").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import interrupt_when
+from conftest import interrupt_when, run_with_closed_console
 import torch
 
 import train_gpt as tg
@@ -984,6 +984,15 @@ def test_a_log_line_is_in_the_file_before_it_is_printed(tmp_path, monkeypatch):
         open(log.path).read().endswith(text + "\n")))
     log("step:1/2 train_time:1ms")
     assert in_file_when_printed == [True]
+
+
+def test_a_closed_console_does_not_stop_the_run(tiny_data, tmp_path):
+    """The console's reader gone (`| head`, or `| tee` stopped by the same Ctrl-C): the run goes on to its end, its log
+    file keeps every line."""
+    code, stderr = run_with_closed_console([sys.executable, str(SCRIPT),
+                                            *tiny_args(tiny_data, f"--log_dir={tmp_path}/logs")], tmp_path)
+    assert code == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"step:{STEPS}/{STEPS} val_loss:" in read_log(tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
