@@ -992,6 +992,15 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def throughput_line(steps_done, training_time_ms, total_flops, step_tokens, peak, world_size):
+    """Tokens per second of the whole run, ms per step, and MFU: the model FLOPs done over what all world_size GPUs
+    (peak FLOP/s each; None off a known GPU) could have done in the time."""
+    seconds = training_time_ms / 1000
+    tokens_per_s = steps_done * step_tokens / max(seconds, 1e-9)
+    mfu = f"{100 * total_flops / (seconds * peak * world_size):.2f}%" if peak and seconds > 0 else "n/a"
+    return f"tokens_per_s:{tokens_per_s:.0f} ms_per_step:{training_time_ms / max(steps_done, 1):.2f} mfu:{mfu}"
+
+
 class Logger:
     """Rank 0 writes logs/<run_id>.txt line by line (flushed) and echoes to stdout; other ranks stay quiet."""
 
@@ -1170,12 +1179,6 @@ def main(argv):
     matmul_params = counts["matrices"] + counts["head"]
     training_time_ms, total_flops, loss = 0.0, 0.0, None
 
-    def throughput_line(steps_done):
-        seconds = training_time_ms / 1000
-        tokens_per_s = steps_done * args.step_tokens / max(seconds, 1e-9)
-        mfu = f"{100 * total_flops / (seconds * peak * world_size):.2f}%" if peak and seconds > 0 else "n/a"
-        return f"tokens_per_s:{tokens_per_s:.0f} ms_per_step:{training_time_ms / max(steps_done, 1):.2f} mfu:{mfu}"
-
     def sync():
         if use_cuda:
             torch.cuda.synchronize()
@@ -1197,7 +1200,7 @@ def main(argv):
             log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.6f} train_time:{training_time_ms:.0f}ms step_avg:{step_avg}ms")
             check_finite("validation", val_loss, step, args, log)
             if step:
-                log(throughput_line(step))
+                log(throughput_line(step, training_time_ms, total_flops, args.step_tokens, peak, world_size))
             sync()
             t0 = time.perf_counter()
         if step == last_step:
@@ -1215,7 +1218,8 @@ def main(argv):
         sync()
         training_time_ms += 1000 * (time.perf_counter() - t0)
         check_finite("train", loss.item(), last_step, args, log)
-        log(f"timed steps: {last_step} ({args.step_tokens} tokens each) " + throughput_line(last_step))
+        log(f"timed steps: {last_step} ({args.step_tokens} tokens each) "
+            + throughput_line(last_step, training_time_ms, total_flops, args.step_tokens, peak, world_size))
     if use_cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2 ** 20} MiB")

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,10 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def tiny_args(data_dir, *extra):
-    return ["--preset", "tiny", f"--train_files={data_dir}/tiny_train_*.bin", f"--val_files={data_dir}/tiny_val_*.bin",
-            f"--vocab_size={TEST_VOCAB}", f"--eos_token={TEST_EOS}", f"--num_iterations={STEPS}", f"--val_every={VAL_EVERY}",
-            *extra]
+def tiny_args(data_dir, *extra, steps=STEPS, train_dir=None):
+    return ["--preset", "tiny", f"--train_files={train_dir or data_dir}/tiny_train_*.bin",
+            f"--val_files={data_dir}/tiny_val_*.bin", f"--vocab_size={TEST_VOCAB}", f"--eos_token={TEST_EOS}",
+            f"--num_iterations={steps}", f"--val_every={VAL_EVERY}", *extra]
 
 
 def run_script(args, workdir, nproc=1, env_extra=None, check=True):
@@ -117,7 +118,49 @@ def test_tiny_run_logs_and_learns(tiny_runs, name):
     # measured (1 thread, CPU): 2.161 here; broken runs stay above 2.34 (Muon lr 0: 2.341, attention scale 0: 2.355)
     assert losses[-1][1] < 2.25, losses
     assert f"step:{STEPS}/{STEPS} val_loss" in run["stdout"]  # rank 0 also prints to stdout
-    assert run["checkpoint"]["hyperparameters"]["num_iterations"] == STEPS
+    assert run["checkpoint"]["hyperparameters"]["num_iterations"] == STEPS and run["checkpoint"]["step"] == STEPS
+
+
+def test_the_loop_runs_each_step_with_its_schedules_and_times_only_training(tiny_data, tmp_path, monkeypatch):
+    """The training loop in process, with train_step and evaluate replaced by stand-ins that record what they get and
+    take a known time: each step gets its own lr factor, Muon momentum and window; validation runs every val_every
+    steps and at the last step; its time is not training time; tokens/s and ms/step follow from the timed steps."""
+    argv = ["--preset=tiny", f"--train_files={tiny_data}/tiny_train_*.bin", f"--val_files={tiny_data}/tiny_val_*.bin",
+            f"--vocab_size={TEST_VOCAB}", f"--eos_token={TEST_EOS}", "--num_iterations=7", "--val_every=3",
+            "--warmup_steps=0", "--muon_momentum_warmup_steps=4", f"--log_dir={tmp_path}/logs"]
+    calls = []
+
+    def timed_train_step(model, batches, micro_steps, averager, muon, adam, lr_scale, momentum, window):
+        calls.append((lr_scale, momentum, int(window)))
+        time.sleep(0.01)
+        return torch.tensor(1.0)
+
+    def slow_evaluate(*args):
+        time.sleep(0.5)
+        return 2.0
+
+    monkeypatch.setattr(tg, "train_step", timed_train_step)
+    monkeypatch.setattr(tg, "evaluate", slow_evaluate)
+    tg.main(argv)
+    args = tg.parse_args(argv)
+    schedules = [(tg.lr_factor(s, args), tg.muon_momentum(s, args), tg.window_blocks(s, args)) for s in range(7)]
+    assert all(len(set(values)) > 1 for values in zip(*schedules))  # each schedule changes over these 7 steps
+    assert calls == schedules
+    log_text = read_log(tmp_path)
+    assert [s for s, _ in val_losses(log_text)] == [0, 3, 6, 7]  # 7 is not a multiple of 3: the last step still is
+    train_ms = int(re.search(r"^step:7/7 val_loss:\S+ train_time:(\d+)ms", log_text, re.M).group(1))
+    assert 70 <= train_ms < 1000  # 7 steps of 10 ms; the 4 validations' 2 s are not training time
+    tokens_per_s, ms_per_step = re.findall(r"^tokens_per_s:(\d+) ms_per_step:(\S+) mfu:n/a$", log_text, re.M)[-1]
+    assert float(ms_per_step) == pytest.approx(train_ms / 7, abs=0.1)
+    assert int(tokens_per_s) == pytest.approx(7 * args.step_tokens / (train_ms / 1000), rel=0.01)
+
+
+def test_throughput_line_counts_every_gpu_of_the_run():
+    """MFU is the FLOPs done over what all the run's GPUs could have done; tokens/s counts the whole step."""
+    line = tg.throughput_line(steps_done=10, training_time_ms=2000.0, total_flops=1e12, step_tokens=1000, peak=1e12,
+                              world_size=8)
+    assert line == "tokens_per_s:5000 ms_per_step:200.00 mfu:6.25%"
+    assert tg.throughput_line(10, 2000.0, 1e12, 1000, None, 1).endswith(" mfu:n/a")  # not a known GPU
 
 
 def test_one_process_two_micro_steps_equals_two_processes(tiny_runs):
@@ -232,6 +275,14 @@ def test_nan_loss_stops_the_run_with_one_error(tiny_data, tmp_path):
     log_text = read_log(tmp_path)
     assert log_text.rstrip().endswith(error.group(1))  # the log says so too, as its last line
     assert int(error.group(1).split(":")[1].split("/")[0]) <= 3  # at once, not at the next validation
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_does():
+    lines = []
+    with pytest.raises(tg.LossNotFinite, match=r"^step:5/40 train loss is inf: stopping the run"):
+        tg.check_finite("train", float("inf"), 5, tg.Hyperparameters(num_iterations=40), lines.append)
+    assert lines[0].startswith("step:5/40 train loss is inf")
+    tg.check_finite("train", 1e30, 5, tg.Hyperparameters(num_iterations=40), lines.append)  # large but finite
 
 
 def test_unwritable_log_dir_is_one_error_before_training(tiny_data, tmp_path):
@@ -350,6 +401,10 @@ def test_check_config_rejects_impossible_settings():
         tg.check_config(tg.Hyperparameters(**{name: value}), 1)  # the edges that are allowed
     with pytest.raises(tg.UserError, match="run_name='exp/a' names a file in log_dir and cannot hold a path separator"):
         tg.check_config(tg.Hyperparameters(run_name="exp/a"), 1)
+    with pytest.raises(tg.UserError, match=r"head_dim=130 must be a multiple of 4 \(half-truncated rotary\)"):
+        tg.check_config(tg.Hyperparameters(head_dim=130, model_dim=1040), 1)
+    with pytest.raises(tg.UserError, match="eos_token=50304 must be a token id below vocab_size=50304"):
+        tg.check_config(tg.Hyperparameters(eos_token=50304), 1)  # == vocab_size would turn document masking off
 
 
 def test_shard_patterns_that_match_a_folder_or_overlap_are_one_error(tiny_data, tmp_path):
@@ -572,6 +627,20 @@ def test_muon_step_is_the_record_update():
             change, expected_change = master - previous[p], expected[p] - previous[p]
             assert (change - expected_change).norm() < 0.03 * expected_change.norm(), names[p]  # bf16 Newton-Schulz
             expected[p] = master  # the next step starts from the weights actually reached
+
+
+def test_a_train_step_scales_the_adam_learning_rates_by_the_schedule():
+    """Head, embeddings and scalars cool down with the same lr factor as Muon's matrices."""
+    torch.manual_seed(0)
+    args = tg.Hyperparameters(**SMALL)
+    model = tg.build_model(args)
+    muon, adam = tg.build_optimizers(model, args, rank=0, world_size=1, compiled=False)
+    tokens = torch.randint(0, 63, (257,))
+    batches = iter([(tokens[:-1].int(), tokens[1:].long())])
+    tg.train_step(model, batches, 1, tg.GradientAverager(model.parameters(), 1), muon, adam, 0.25, 0.9,
+                  torch.tensor(4, dtype=torch.int32))
+    assert [group["lr"] for group in adam.param_groups] == pytest.approx(
+        [0.25 * lr for lr in (args.head_lr, args.embed_lr, args.scalar_lr)])
 
 
 def tiny_model_with_every_gradient_nonzero(device):
@@ -863,11 +932,11 @@ def test_triton_kernels_compile_for_h100_ahead_of_time(monkeypatch):
 
 # ---- Data errors ----
 
-def corrupted_copy(good, path, offset=None, value=None, truncate=0):
+def corrupted_copy(good, path, offset=None, value=None, truncate=0, append=b""):
     data = bytearray(good.read_bytes())
     if offset is not None:
         data[offset:offset + 4] = np.int32(value).tobytes()
-    path.write_bytes(bytes(data[:len(data) - truncate]))
+    path.write_bytes(bytes(data[:len(data) - truncate]) + append)
     return path
 
 
@@ -875,6 +944,8 @@ def corrupted_copy(good, path, offset=None, value=None, truncate=0):
     ("bad_magic", dict(offset=0, value=1234), "bad_magic.bin: wrong magic number 1234"),
     ("bad_version", dict(offset=4, value=7), "bad_version.bin: unsupported shard version 7"),
     ("truncated", dict(truncate=10), "truncated.bin: corrupt shard, header says 2049 tokens"),
+    ("too_long", dict(append=b"\0\0"),
+     r"too_long.bin: corrupt shard, header says 2049 tokens \(5122 bytes\) but the file has 5124 bytes"),
 ])
 def test_corrupt_shards_are_named_with_the_problem(tiny_data, tmp_path, name, corruption, message):
     good = tiny_data / "tiny_val_000000.bin"
@@ -997,8 +1068,10 @@ def test_a_closed_console_does_not_stop_the_run(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
 def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path, sig):
-    code, stderr = interrupt_when([sys.executable, str(SCRIPT), *tiny_args(tiny_data, f"--log_dir={tmp_path}/logs")],
-                                  "step:1/", tmp_path, sig=sig)
+    # 1000 steps: a 40-step run could end, on a loaded machine, before the signal sent at its step 1 arrives
+    write_shard(tmp_path / "tiny_train_000001.bin", synthetic_tokens(1000 * 1024 + 1, seed=3))
+    args = tiny_args(tiny_data, f"--log_dir={tmp_path}/logs", steps=1000, train_dir=tmp_path)
+    code, stderr = interrupt_when([sys.executable, str(SCRIPT), *args], "step:1/", tmp_path, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("train_gpt.py: interrupted: the log so far is kept")
     assert "step:1/" in read_log(tmp_path)
