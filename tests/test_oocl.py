@@ -2,8 +2,10 @@
 line, batched-sweep == single-run, the sweep's outputs, and the sweep split over 2 processes (gloo)."""
 import csv
 import importlib.util
+import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +126,16 @@ def test_split_disjoint_complete_independent_deterministic():
     # independent draws: the overlap of the held-out pair sets is about h1*h2 of all pairs, not min(h1, h2)
     overlap = (held[0] & held[1]).sum().item() / n_pairs
     assert abs(overlap - h1 * h2) < 0.06, overlap
+
+
+def test_no_loss_weight_falls_on_a_held_out_row():
+    """Held-out rows are what out-of-context learning is measured on: training on them would be a leak."""
+    _, group = oocl.build_sequences(11)
+    split = oocl.make_split(11, 0.5, 0.5, 0, group)
+    weights = oocl.example_weights(oocl.RunSpec(0.5, 0.5, (1.0, 1.0, 1.0), 0), group, split)
+    for table in (oocl.TABLE1, oocl.TABLE2):
+        held_out = (group == table) & ~split
+        assert held_out.any() and weights[held_out].sum() == 0 and weights[(group == table) & split].min() > 0
 
 
 def test_split_does_not_depend_on_the_other_holdout_or_k():
@@ -321,6 +333,14 @@ def reference_forward(params, tokens, num_layers, num_heads, tied=False):
     return torch.stack(outputs)
 
 
+def test_each_seed_draws_its_own_initial_weights(tiny):
+    """Seeds vary the weights, not only the split: the spread over seeds is the spread of training runs."""
+    cpu = torch.device("cpu")
+    first, again, other = (oocl.init_params(tiny, seed, cpu) for seed in (0, 0, 1))
+    for name in ("embed00", "embed01", "qkv0", "mlp_in0"):
+        assert torch.equal(first[name], again[name]) and not torch.equal(first[name], other[name]), name
+
+
 @pytest.mark.parametrize("num_layers, tied", [(1, False), (2, False), (1, True)])
 def test_forward_matches_plain_reference(tiny, num_layers, tied):
     """`forward` computes block 0 per vocabulary entry and the last block on one position; the result must
@@ -396,6 +416,10 @@ def test_tiny_preset_reaches_full_train_accuracy(tmp_path):
     log = open(result["log"]).read()
     assert "oocl_ssq_11_0.5_0.5_1_1_1" in result["log"] and "oocl_ssq_11_0.5_0.5_1_1_1" in log
     assert f"step:{args.steps}/{args.steps} val_loss:" in log and "peak memory" in log and "cos_in:" in log
+    # the log's val_loss (what records/ttest.py and plot.py read) is the held-out table-1 loss
+    val_loss = re.findall(rf"^step:{args.steps}/{args.steps} val_loss:(\S+) ", log, re.M)[-1]
+    assert float(val_loss) == pytest.approx(final["op1_test_loss"], abs=1e-4) and final["op1_test_loss"] != pytest.approx(
+        final["op1_train_loss"], abs=1e-3)
     assert log.startswith(open(oocl.__file__).read())
 
 
@@ -433,6 +457,23 @@ def test_batched_sweep_matches_single_runs(tmp_path):
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_a_table_row_holds_means_over_seeds_and_effects_paired_by_seed():
+    """Held-out accuracy of the baseline (1, 0, 0): 0.2 and 0.6 for seeds 0 and 1; of the arm (1, 1, 1): 0.3 and
+    0.8 (listed seed 1 first). Means 0.4 and 0.55; paired effects +0.1 and +0.2 (unpaired they could be -0.3)."""
+    def result(k, seed, acc):
+        final = {key: 0.5 for key in oocl.METRIC_KEYS} | {"op1_test_acc": acc}
+        return dict(spec=oocl.RunSpec(0.5, 0.5, k, seed), final=final, history=[dict(step=10, **final)], stop_step=10)
+
+    rows = oocl.summarise([result((1.0, 0.0, 0.0), 0, 0.2), result((1.0, 0.0, 0.0), 1, 0.6),
+                           result((1.0, 1.0, 1.0), 1, 0.8), result((1.0, 1.0, 1.0), 0, 0.3)])
+    baseline, arm = rows
+    assert (baseline["arm"], arm["arm"]) == ("1 0 0", "1 1 1") and baseline["effect_mean"] is None
+    assert baseline["op1_test_acc_mean"] == pytest.approx(0.4) and arm["op1_test_acc_mean"] == pytest.approx(0.55)
+    assert arm["op1_test_acc_std"] == pytest.approx(math.sqrt(0.125))  # sample std of 0.3 and 0.8
+    assert arm["effect_mean"] == pytest.approx(0.15) and arm["effect_std"] == pytest.approx(math.sqrt(0.005))
+    assert arm["effect_wins"] == "2/2" and arm["seeds"] == 2
 
 
 def test_sweep_writes_table_csvs_and_plots_with_untrained_columns_blank(tmp_path):
@@ -565,6 +606,22 @@ def test_merge_refuses_parts_that_are_not_one_sweep(parts, argv, message, monkey
     assert err.value.code == 2 and len(stderr) == 1 and stderr[0].startswith("oocl.py: error: ")
     assert message in stderr[0]
     assert sorted(os.listdir(parts)) == before  # nothing written
+
+
+@pytest.mark.parametrize("name, value", [("steps", 4), ("p", 13), ("weight_decay", 0.5), ("patience", 100),
+                                         ("links_both_ways", True), ("model_dim", 64)])
+def test_merge_refuses_parts_whose_training_settings_differ(parts, name, value, monkeypatch, capsys, tmp_path):
+    """Settings that change a run's result must be the same in every part (a part's sweep.json says what it ran)."""
+    other = tmp_path / "other"
+    shutil.copytree(parts / "s1", other)
+    saved = json.loads((other / "sweep.json").read_text())
+    assert saved["hyperparameters"][name] != value
+    saved["hyperparameters"][name] = value
+    (other / "sweep.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(parts)
+    with pytest.raises(SystemExit):
+        oocl.main(["merge", "--out_dir", str(tmp_path / "merged"), "s0", str(other)])
+    assert f"the parts are not one sweep: --{name} " in capsys.readouterr().err and not (tmp_path / "merged").exists()
 
 
 def test_merge_under_torchrun_writes_once_on_rank_0(parts, monkeypatch):

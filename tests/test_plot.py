@@ -145,6 +145,8 @@ def test_table_p_value_is_ttests(logs, tmp_path, capsys, monkeypatch):
     assert rows[0]["p_value"] == ttest_p
     assert rows[1]["p_value"] == ttest.one_sided_ttest(PUBLIC, 2.92, 0.01)["p_value"]
     assert rows[1]["p_value"] > 0.05 and rows[0]["p_value"] < 0.01  # the two attempts are told apart
+    at_threshold = plot.summary(plot.load_attempts([ours])[0], 2.9185)["p_value"]  # the threshold given, not 2.92
+    assert at_threshold == ttest.one_sided_ttest(OURS, 2.9185, 0.01)["p_value"] and at_threshold > 0.05
     monkeypatch.chdir(tmp_path)
     plot.main([str(ours), "--baseline", str(public)])
     table = capsys.readouterr().out

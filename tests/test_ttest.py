@@ -158,6 +158,9 @@ def test_diverged_run_is_an_error_not_dropped(tmp_path, capsys):
     # train_gpt.py stops at the first non-finite loss: no final evaluation, but not an unfinished run to skip
     write_log(tmp_path / "nan.txt", steps=4, last_step=2, val_every=2, curve=lambda step: float("nan"))
     assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: val_loss is nan at step 2/4 \\(the run diverged\\)")
+    # a non-finite evaluation before a finite final one
+    write_log(tmp_path / "nan.txt", 2.91, 1000, steps=4, val_every=2, curve=lambda step: float("nan"))
+    assert_user_error(capsys, ttest.main, [str(tmp_path)], "nan.txt: val_loss is nan at step 2/4 \\(the run diverged\\)")
     write_log(tmp_path / "nan.txt", steps=4, last_step=3)
     with open(tmp_path / "nan.txt", "a") as log:
         log.write("step:3/4 train loss is nan: stopping the run (lower the learning rates, or check the data)\n")
