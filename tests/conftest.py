@@ -48,7 +48,12 @@ def interrupt_when(command, marker, cwd, env=None, sig=signal.SIGINT):
         if marker in line:
             process.send_signal(sig)
             break
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a run the signal did not stop must not outlive the test
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"the run was still going 120 s after {signal.Signals(sig).name}; its stderr:\n{stderr[-2000:]}")
     return process.returncode, stderr
 
 

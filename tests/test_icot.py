@@ -47,6 +47,17 @@ def test_cpu_tests_run_the_cpu_path_also_on_a_gpu_machine():
 
 # ---- Vocabulary and line checking ----
 
+def test_logits_are_soft_capped_at_15_with_tanh():
+    """The form the committed checkpoints of records/icot were trained with."""
+    torch.manual_seed(0)
+    gpt = icot.GPT(tiny_hp(n_layer=1, model_dim=32))
+    torch.nn.init.normal_(gpt.lm_head.weight, std=10)
+    hidden = torch.randn(4, 32)
+    raw = gpt.lm_head(hidden)
+    assert raw.abs().max() > 30  # far into the cap
+    torch.testing.assert_close(gpt.logits(hidden), 15 * torch.tanh(raw / 15))
+
+
 def test_tokens_round_trip_and_layout():
     tokens = icot.encode(LINE_4X4)
     assert len(tokens) == 66 and max(tokens) < icot.VOCAB_SIZE
@@ -259,6 +270,17 @@ def test_stepwise_schedule_follows_the_epoch_rate():
     assert icot.stepwise_schedule(hp, layout, train_lines=3200) == {0: 8, 100: 16, 200: 24, 300: 32, 400: 40, 500: 46}
 
 
+def test_lr_warms_up_holds_then_decays_to_zero():
+    assert [icot.lr_factor(step, 10, 60, 100) for step in (0, 9, 59, 80, 99)] == pytest.approx([0.1, 1, 1, 0.5, 0.025])
+    assert icot.lr_factor(0, 0, 60, 100) == 1.0  # no warmup
+
+
+def test_stages_sized_in_epochs_count_steps_of_their_batch_size():
+    hp = tiny_hp(mindread_steps=0, mindread_epochs=2.0, emulator_steps=0, emulator_epochs=1.5, batch_size=64)
+    assert icot.stage_steps("mindread", hp, 3200) == 100 and icot.stage_steps("emulator", hp, 3200) == 75
+    assert icot.stage_steps("mindread", icot.dataclasses.replace(hp, mindread_steps=7), 3200) == 7  # steps win
+
+
 def test_removal_smoothing_distribution():
     generator = torch.Generator().manual_seed(0)
     offsets = icot.removal_offsets(200000, 1.0, generator, max_offset=3)
@@ -333,6 +355,33 @@ def stepwise_setup(tmp_path, **overrides):
                  n_layer=2, model_dim=32, **overrides)
     torch.manual_seed(0)
     return hp, icot.IcotModel("stepwise", hp, train_set.layout), train_set
+
+
+def test_the_loss_counts_each_lines_tokens_after_the_separator_and_no_padding(tmp_path):
+    """With the head at zero every prediction is uniform, so a summed loss is ln(vocabulary) times the number of
+    tokens it counts: the tokens after '||' (the CoT a line still has, '####', the answer, <eos>), never the input
+    and never the padding after a line that smoothing shortened more than the others."""
+    hp, model, train_set = stepwise_setup(tmp_path)
+    layout, batch = train_set.layout, train_set.tokens[:4]
+    torch.nn.init.zeros_(model.lm.lm_head.weight)
+    log_vocab = math.log(model.lm.lm_head.out_features)
+    after_separator = layout.seq_len - layout.sep1 - 1
+    assert model(batch, reduction="sum").item() == pytest.approx(4 * after_separator * log_vocab, rel=1e-5)
+    removed = torch.tensor([1, 3, layout.cot_len, 5])
+    expected = sum(after_separator - r for r in removed.tolist()) * log_vocab
+    assert model(batch, reduction="sum", removed_rows=removed).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_removal_smoothing_never_removes_more_than_the_cot(tmp_path, monkeypatch):
+    """Offsets drawn past the end of the CoT stop at it: '####' and the answer are never removed from a line."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=4, eval_every=100,
+                                          stepwise_max_steps=8, stepwise_decay_steps=1)
+    monkeypatch.setattr(icot, "removal_offsets", lambda count, *args, **kwargs: torch.full((count,), 100))
+    most_removed, real_drop = [], icot.drop_cot_rows
+    monkeypatch.setattr(icot, "drop_cot_rows", lambda tokens, layout, removed: most_removed.append(
+        int(removed.max())) or real_drop(tokens, layout, removed))
+    icot.train_stage(hp, "stepwise", model, train_set, train_set)
+    assert most_removed and max(most_removed) == train_set.layout.cot_len
 
 
 def test_stepwise_resets_the_optimizer_at_each_increment(tmp_path, monkeypatch):
@@ -512,6 +561,24 @@ def test_best_checkpoint_and_patience(tmp_path, monkeypatch):
     assert not torch.equal(weights_at[6], model.lm.lm_head.weight)
 
 
+def test_a_tie_in_accuracy_goes_to_the_lower_loss_and_does_not_reset_patience(tmp_path, monkeypatch):
+    """Accuracy on a finite validation set ties often (at 1.0 above all): the lower loss breaks the tie for the
+    saved weights, but an equal accuracy is no improvement, or a run at 1.0 would never end its no-CoT phase."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=8, stepwise_remove_per_epoch=1000, eval_every=3,
+                                          stepwise_patience=2, stepwise_decay_steps=4, stepwise_max_steps=60)
+    scripted = iter([(0.9, 1.0), (0.5, 2.0), (0.5, 0.5), (0.4, 0.1)] + [(0.1, 3.0)] * 20)  # (accuracy, loss)
+
+    def scripted_evaluate(model, dataset, batch_size, max_lines=None):
+        accuracy, loss = next(scripted)
+        return {"loss": loss, "ppl": math.exp(loss), "accuracy": accuracy, "digit_accuracy": [0.5] * 4,
+                "problems_per_s": 1.0, "lines": 8}
+
+    monkeypatch.setattr(icot, "evaluate", scripted_evaluate)
+    best, end, _ = icot.train_stage(hp, "stepwise", model, train_set, train_set)
+    assert best["step"] == 6 and best["loss"] == 0.5  # 0.5 at step 3 and at step 6: the lower loss wins
+    assert end == 9 + 4  # improved at step 3 only: steps 6 and 9 are the patience of 2, then the decay
+
+
 def test_per_step_tensors_are_released_as_each_window_closes(tmp_path, monkeypatch):
     """Each step's loss and gradient norm are kept as tensors only until their timing window closes (at the next
     evaluation): a stage of 99000 steps that kept them all grew to 14 GiB on CPU. The plot still gets every loss."""
@@ -652,6 +719,11 @@ def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
         icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
     with pytest.raises(SystemExit, match="does not fit this model"):
         icot.build_stage_model("couple", hp, layout)
+    state = mindread.state_dict()
+    state["lm.blocks.3.lambdas"] = torch.zeros(3)  # a weight this model does not have (a deeper model's)
+    icot.save_checkpoint(str(tmp_path / "mindread.pt"), mindread, str(tmp_path / "teacher.pt"), state)
+    with pytest.raises(SystemExit, match=r"missing \[\], unexpected \['lm.blocks.3.lambdas'\]"):
+        icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
 
 
 def test_a_teacher_of_another_task_size_or_kind_and_a_corrupt_checkpoint_are_one_error_each(tmp_path):
@@ -876,6 +948,29 @@ def tiny_run(tmp_path_factory):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return dirs, args, run.stdout
 
+
+
+@pytest.mark.parametrize("stages, nocot_steps", [
+    (("teacher", "stepwise", "mindread", "emulator", "couple", "nocot"), 10 + 3 + 3 + 3),  # the longer chain
+    (("teacher", "stepwise", "nocot"), 10 + 7),
+])
+def test_all_gives_the_no_cot_baseline_the_steps_of_the_longest_chain(tmp_path, monkeypatch, stages, nocot_steps):
+    steps_of = {"teacher": 10, "stepwise": 7, "mindread": 3, "emulator": 3, "couple": 3}
+    given = {}
+
+    def stand_in_stage(kind, hp, train_set, val_set, steps=None):
+        given[kind] = steps
+        return {}, steps or steps_of[kind], 0.0
+
+    monkeypatch.setattr(icot, "load_training_data", lambda hp: (None, None))
+    monkeypatch.setattr(icot, "report_sets", lambda hp: [])
+    monkeypatch.setattr(icot, "load_dataset", lambda path, max_lines=None: icot.Dataset(path, torch.zeros(1, 1), None))
+    monkeypatch.setattr(icot, "run_stage", stand_in_stage)
+    monkeypatch.setattr(icot, "load_checkpoint", lambda *args, **kwargs: None)
+    monkeypatch.setattr(icot, "evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(icot, "results_table", lambda *args, **kwargs: "")
+    icot.run_all(tiny_hp(stages=stages, nocot_steps=0, log_dir=str(tmp_path)), [])
+    assert given["nocot"] == nocot_steps and given["teacher"] is None
 
 
 def test_a_stage_command_writes_missing_data_first(tmp_path):
