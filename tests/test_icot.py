@@ -611,10 +611,18 @@ def test_emulator_writes_back_its_output_and_attends_over_earlier_layers():
     entering = []
     hooks = [block.register_forward_pre_hook(lambda module, args: entering.append(args[0][:, -1].detach()))
              for block in emulator.gpt.blocks]
+    lstm_outputs = []
+    hooks.append(emulator.lstm.register_forward_hook(lambda module, args, result: lstm_outputs.append(result[0])))
     outputs = emulator(prefix)
     for hook in hooks:
         hook.remove()
     assert outputs.shape == (2, 4, hp.model_dim)
+    with torch.no_grad():  # output_l = out([h_l, sum_j<l softmax_j(key(h_j) . query(h_l) / sqrt(dim)) h_j])
+        for layer, current in enumerate(lstm_outputs):
+            earlier = torch.stack(lstm_outputs[:layer] or [torch.zeros_like(current)], dim=1)
+            scores = torch.einsum("bjd,bd->bj", emulator.key(earlier), emulator.query(current)) / math.sqrt(hp.model_dim)
+            attended = torch.einsum("bj,bjd->bd", scores.softmax(-1), earlier) if layer else torch.zeros_like(current)
+            torch.testing.assert_close(outputs[:, layer], emulator.out(torch.cat([current, attended], -1)))
     for layer in range(4):  # what enters block l at '||' is the emulated state of layer l (not the MLP prediction)
         torch.testing.assert_close(entering[layer].float(), outputs[:, layer])
     with torch.no_grad():
