@@ -128,6 +128,16 @@ def test_tokenise_local_jsonl_into_shards(tmp_path, gpt2):
     assert decoded == texts
 
 
+def test_a_folder_input_is_its_txt_and_jsonl_files_with_subfolders_in_sorted_order(tmp_path):
+    from data.fineweb import list_local_files
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.txt", "sub/c.txt", "a.jsonl", "notes.md"):
+        (folder / name).write_text("text")
+    found = list_local_files([str(folder)])
+    assert [path.relative_to(folder).as_posix() for path in found] == ["a.jsonl", "b.txt", "sub/c.txt"]
+
+
 OFFLINE_TOKENISE = """
 import sys
 import tiktoken.load
@@ -317,6 +327,16 @@ def test_downloaded_garbage_is_an_error(cached, tmp_path, monkeypatch):
 def test_download_rejects_impossible_shard_count(cached, tmp_path):
     with pytest.raises(SystemExit, match="between 0 and 103"):
         cached.download_shards(104, tmp_path)
+    assert cached.download_shards(103, tmp_path) == 104  # the whole set (val + 103 train shards) can be asked for
+
+
+def test_download_command_fetches_30_train_shards_by_default(cached, monkeypatch):
+    """30 x 100M tokens cover the record's 5690 steps of 524288 tokens (2.98B)."""
+    asked = []
+    monkeypatch.setattr(cached, "download_shards", asked.append)
+    cached.main([])
+    cached.main(["103"])
+    assert asked == [30, 103]
 
 
 # ---- Synthetic shards (data/synthetic.py) ----
@@ -380,6 +400,9 @@ def test_synthetic_stream_is_deterministic_and_independent_of_shard_size(synthet
     assert (read_shard(other[1]) != reference_train[:700_000]).mean() > 0.9
     # Val and train are different streams of the same chain.
     assert (read_shard(reference[0]) != reference_train[:400_000]).mean() > 0.9
+    # The chain itself comes from the seed: another seed makes other tokens frequent.
+    top = [set(np.bincount(read_shard(run[0]), minlength=50257).argsort()[-21:-1]) for run in (reference, other)]
+    assert len(top[0] & top[1]) < 10, top
 
 
 def test_synthetic_refuses_existing_shards_and_bad_sizes(tmp_path):

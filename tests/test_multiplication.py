@@ -70,11 +70,35 @@ def test_splits_disjoint_deterministic_and_sized(tmp_path):
         assert line.count(" $ ") == 3 and mult.parse_line(line)[1:] == (2, 3)
 
 
-def test_exclude_keeps_problems_out(tmp_path):
+def test_every_answer_and_partial_product_is_the_arithmetic():
+    """The format pins the layout; this pins the numbers, for problems the examples above do not cover."""
+    def number(digits):  # least significant digit first
+        return int(digits.replace(" ", "")[::-1])
+
+    for a in range(100, 1000, 7):
+        b = (a * 37) % 900 + 100
+        _, cot, answer = mult.format_problem(a, b, 3, 3)
+        assert number(answer) == a * b, (a, b)
+        terms = cot.split(" + ")  # a*b0, a*b1*10 ( running sum ), a*b2*100
+        assert [number(term.split(" (")[0]) for term in terms] == [a * int(d) * 10 ** j for j, d in
+                                                                   enumerate(reversed(str(b)))], (a, b, cot)
+        assert number(terms[1].split("( ")[1].rstrip(" )")) == a * (b % 100), (a, b, cot)
+
+
+def test_held_out_splits_are_drawn_before_the_training_split(tmp_path):
+    """A training split that covers every 1x1 problem, listed first, still leaves a test split to draw: the
+    smaller splits are drawn first, whatever the order of --splits."""
+    files = generate(tmp_path, "--digits", "1x1", "--splits", "train=2000,test=5", "--seed", "0")
+    assert len(files["test"]) == 5 and not problems_in(files["train"]) & problems_in(files["test"])
+
+
+@pytest.mark.parametrize("held_out_lines", [40, 300])  # ~32 or ~79 of the 81: drawn by rejection, or from a list
+def test_exclude_keeps_problems_out(tmp_path, held_out_lines):
     held_out = tmp_path / "held_out.txt"
-    mult.main(["--digits", "1x1", "--count", "40", "--seed", "1", "--out", str(held_out)])
+    mult.main(["--digits", "1x1", "--count", str(held_out_lines), "--seed", "1", "--out", str(held_out)])
     excluded = problems_in(held_out.read_text().splitlines())
     assert len(excluded) > 20  # a large part of the 81 one-digit problems
+    assert (len(excluded) > 81 // 2) == (held_out_lines == 300)  # both ways of drawing the rest are exercised
     lines = generate(tmp_path, "--digits", "1x1", "--splits", "train=2000", "--exclude", str(held_out))["train"]
     assert not problems_in(lines) & excluded
     assert len(problems_in(lines)) == 81 - len(excluded)  # and everything else is still reachable

@@ -157,7 +157,8 @@ def test_no_fineweb_fetch_for_runs_that_do_not_read_it(repo, args, reason):
     result = repo.run(*args)
     assert "cached_fineweb10B" not in result.stdout and f"run.sh: not fetching FineWeb: {reason}\n" in result.stdout
     assert torchrun_args(result)[2:] == [str(repo.root / "train_gpt.py"), *args]
-    for reads_fineweb in (["--preset", "full"], ["--train_files=mine/*.bin"], ["--val_files=mine/val.bin"]):
+    for reads_fineweb in (["--preset", "full"], ["--train_files=mine/*.bin"], ["--val_files=mine/val.bin"],
+                          ["--run_name", "tiny"]):  # "tiny" as another flag's value is no --preset tiny
         assert "cached_fineweb10B.py 30\n" in repo.run(*reads_fineweb).stdout
 
 
@@ -192,6 +193,8 @@ def test_multi_node_rendezvous(repo):
 
 @pytest.mark.parametrize("env, message", [
     ({"NNODES": "2"}, "need NNODES, NODE_RANK and MASTER_ADDR all set"),
+    ({"MASTER_ADDR": "10.0.0.7"}, "need NNODES, NODE_RANK and MASTER_ADDR all set"),  # not a one-node run instead
+    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT must be a port number"),
     ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK must be an integer in [0, NNODES=2)"),
     ({"NNODES": "x", "NODE_RANK": "0", "MASTER_ADDR": "h"}, "NNODES must be a positive integer"),
 ])
@@ -216,3 +219,10 @@ def test_fresh_node_installs_fetches_and_launches(repo):
     repo.run("oocl.py", dry_run=False)
     assert repo.calls()[5:] == ["python -c import torch, numpy, tiktoken, triton",
                                 f"torchrun --standalone --nproc_per_node=4 {repo.root}/oocl.py"]
+
+
+def test_the_launch_runs_in_the_repository_root(repo, tmp_path):
+    """Started from anywhere, the script runs in the repository root: its data/ and logs/ resolve there."""
+    _executable(tmp_path / "bin" / "torchrun", '#!/usr/bin/env bash\necho "torchrun in $PWD" >> "$CALLS"\n')
+    assert repo.run("oocl.py", dry_run=False, cwd=tmp_path).returncode == 0
+    assert repo.calls()[-1] == f"torchrun in {repo.root}"
