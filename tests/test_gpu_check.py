@@ -20,6 +20,7 @@ echo "python $*" >> "$CALLS"
 echo "${TIKTOKEN_CACHE_DIR:-unset}" >> "$CALLS.tiktoken"
 [[ "$*" == *train_gpt.py* ]] && echo "TORCH_LOGS=${TORCH_LOGS:-unset}" >> "$CALLS.torch_logs"
 if [[ "$*" == *get_encoding* && -n "${FAKE_NO_ENCODING:-}" ]]; then echo "requests.exceptions.ConnectionError: no network" >&2; exit 1; fi
+if [[ -n "${FAKE_FAIL_ON:-}" && "$*" == *"$FAKE_FAIL_ON"* ]]; then echo "RuntimeError: 1 failed on purpose"; exit 5; fi
 if [[ "$*" == *record_script.py* ]]; then
     cp record_script.py "$CALLS.record_script.py"
     ls -l data/fineweb10B > "$CALLS.record_data"
@@ -34,7 +35,9 @@ fi
 if [[ "$*" == *train_gpt.py* && -n "${FAKE_SLEEP:-}" ]]; then echo "compiling"; sleep "$FAKE_SLEEP"; fi
 if [[ "$*" == *train_gpt.py* ]]; then
     steps="$(echo "$*" | sed -E 's/.*--stop_after_steps ([0-9]+).*/\\1/')"
+    echo "warm-up (10 steps, compilation included): 95.0s"
     echo "step:$steps/5690 train_time:$((steps * 1900))ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"
+    echo "peak memory allocated: 61000 MiB reserved: 62000 MiB"
 fi
 if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
 exit "${FAKE_EXIT:-0}"
@@ -106,7 +109,10 @@ def test_gpt_part_writes_shards_once_runs_the_full_config_and_a_summary_row(chec
     assert sum("data/synthetic.py" in line for line in check.lines()) == 1
     summary = (check.out / "summary.md").read_text().splitlines()
     assert summary[0].startswith("| part | command | exit | wall s |")
-    assert summary[2].startswith("| gpt | ") and "| 0 |" in summary[2] and "ms_per_step:1900.00 mfu:45.00%" in summary[2] and "step_avg" not in summary[2]
+    assert summary[2].startswith("| gpt | ") and "| 0 |" in summary[2] and "step_avg" not in summary[2]
+    for result_line in ("warm-up (10 steps, compilation included): 95.0s", "ms_per_step:1900.00 mfu:45.00%",
+                        "peak memory allocated: 61000 MiB reserved: 62000 MiB"):  # every result of the run
+        assert result_line in summary[2], result_line
     assert "ms_per_step:1900.00" in (check.out / "gpt.log").read_text()
     assert "H100" in (check.out / "env.txt").read_text()
     # A second run finds the shards and appends its row; a failing command is recorded and fails the check.
@@ -191,6 +197,24 @@ def test_public_part_notes_when_each_line_of_its_own_log_appears(check, tmp_path
     first, second = (int(line.split(" s: ")[0]) for line in progress)
     assert second - first >= 1
     assert (check.out / "public_own_log.txt").read_text() == "Warmup step 1/10\nWarmup step 2/10\n"
+
+
+@pytest.mark.parametrize("part, command", [("tests", "pytest"), ("suite", "pytest"), ("gpt", "train_gpt.py"),
+                                           ("record", "train_gpt.py"), ("icot", "train_icot.py"), ("oocl", "oocl.py")])
+def test_a_failing_part_fails_the_check_and_shows_its_exit_code(check, part, command):
+    """A session that reads only the call's exit code must not take failed GPU tests or a crashed run for a pass."""
+    check.shared(check.root / "shared")
+    result = check.run(part, FAKE_FAIL_ON=command)
+    assert result.returncode == 1, result.stderr
+    row = (check.out / "summary.md").read_text().splitlines()[-1]
+    assert row.startswith(f"| {part} | ") and "| 5 |" in row and "RuntimeError: 1 failed on purpose" in row
+
+
+def test_each_part_stops_in_time_for_its_results_to_come_back(check):
+    """A device command is stopped at 600 s: a part's default limit, plus the 15 s of its kill grace and the packing
+    of the results, fits inside it."""
+    limit = int(re.search(r'PART_SECONDS="\$\{PART_SECONDS:-(\d+)\}"', GPU_CHECK.read_text()).group(1))
+    assert limit + 15 <= 585
 
 
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
