@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +47,79 @@ def test_our_model_and_muon_are_the_record_s_and_a_change_is_caught(monkeypatch,
     assert compare_public.main(args + ["--train_steps", "0"]) == 1
     out = capsys.readouterr().out
     assert "DIFFERS" in out.splitlines()[0] and out.splitlines()[-1] == "DIFFERENT from the record"
+
+
+# ---- Each check can fail, and any failed check fails the comparison ----
+
+@pytest.fixture
+def compare_public(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOL.parent))
+    import compare_public
+    return compare_public
+
+
+CHECKS = ["check_forward", "check_data", "check_gradients", "check_schedules", "check_muon", "check_training"]
+
+
+@pytest.mark.parametrize("failing", CHECKS)
+def test_one_failed_check_makes_the_verdict_different(compare_public, monkeypatch, capsys, tmp_path, failing):
+    log = tmp_path / "record.txt"
+    log.write_text("print('the record')\n")
+    monkeypatch.setattr(compare_public, "load_public", lambda record_log: None)
+    monkeypatch.setattr(compare_public, "same_weights", lambda public, seq_len: (None, None))
+    for name in CHECKS:
+        monkeypatch.setattr(compare_public, name, lambda *args, passes=name != failing: passes)
+    assert compare_public.main([str(log), "--seq_len", "128", "--train_steps", "1"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "DIFFERENT from the record"
+    monkeypatch.setattr(compare_public, failing, lambda *args: True)
+    assert compare_public.main([str(log), "--seq_len", "128", "--train_steps", "1"]) == 0
+
+
+def test_training_apart_by_more_than_the_records_own_noise_differs(compare_public, monkeypatch):
+    monkeypatch.setattr(compare_public, "same_training", lambda log, steps, seq_len=1024: (0.05, 1e-4, [10.8, 9.0]))
+    assert compare_public.check_training("record.txt", 4) is False
+    monkeypatch.setattr(compare_public, "same_training", lambda log, steps, seq_len=1024: (2e-4, 1e-4, [10.8, 9.0]))
+    assert compare_public.check_training("record.txt", 4) is True
+
+
+def test_a_gradient_apart_by_1e_3_differs(compare_public, monkeypatch):
+    ones = torch.ones(4, 4)
+    monkeypatch.setattr(compare_public, "gradient_pairs", lambda ours, theirs: [("blocks.0.w", ones * 1.001, ones)])
+    loss = lambda *args: torch.ones((), requires_grad=True) * 1.0  # noqa: E731  (anything with a backward)
+    assert compare_public.check_gradients(loss, loss, torch.zeros(4), torch.zeros(4), 1) is False
+    monkeypatch.setattr(compare_public, "gradient_pairs", lambda ours, theirs: [("blocks.0.w", ones * (1 + 1e-6), ones)])
+    assert compare_public.check_gradients(loss, loss, torch.zeros(4), torch.zeros(4), 1) is True
+
+
+def test_block_masks_are_compared_by_their_full_blocks_too(compare_public):
+    def mask(full_block):
+        return SimpleNamespace(kv_num_blocks=torch.tensor([[[1, 1]]]), kv_indices=torch.tensor([[[[0, 0], [1, 0]]]]),
+                               full_kv_num_blocks=torch.tensor([[[0, 1]]]),
+                               full_kv_indices=torch.tensor([[[[0, 0], [full_block, 0]]]]))
+    assert compare_public.kv_blocks(mask(0)) == compare_public.kv_blocks(mask(0))
+    assert compare_public.kv_blocks(mask(0)) != compare_public.kv_blocks(mask(1))
+
+
+@pytest.fixture(scope="module")
+def public():
+    if not RECORD_LOG.is_file():
+        pytest.skip("the public record's log is not in bench/public/")
+    sys.path.insert(0, str(TOOL.parent))
+    import compare_public
+    return compare_public, compare_public.load_public(str(RECORD_LOG))
+
+
+def test_a_schedule_off_late_in_the_run_differs(public, monkeypatch):
+    compare_public, record = public
+    assert compare_public.check_schedules(record) is True
+    real = compare_public.tg.lr_factor
+    monkeypatch.setattr(compare_public.tg, "lr_factor", lambda step, hp: real(step, hp) * (1.01 if step > 5000 else 1))
+    assert compare_public.check_schedules(record) is False
+
+
+def test_validation_tokens_one_place_off_differ(public, monkeypatch):
+    compare_public, record = public
+    assert compare_public.check_data(record) is True
+    real = compare_public.tg.load_val_tokens
+    monkeypatch.setattr(compare_public.tg, "load_val_tokens", lambda *args: np.roll(real(*args), 1))
+    assert compare_public.check_data(record) is False
