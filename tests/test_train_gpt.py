@@ -149,7 +149,7 @@ def test_the_loop_runs_each_step_with_its_schedules_and_times_only_training(tiny
     log_text = read_log(tmp_path)
     assert [s for s, _ in val_losses(log_text)] == [0, 3, 6, 7]  # 7 is not a multiple of 3: the last step still is
     train_ms = int(re.search(r"^step:7/7 val_loss:\S+ train_time:(\d+)ms", log_text, re.M).group(1))
-    assert 70 <= train_ms < 1000  # 7 steps of 10 ms; the 4 validations' 2 s are not training time
+    assert 70 <= train_ms < 1500  # 7 steps of 10 ms; the 4 validations' 2 s are not training time
     tokens_per_s, ms_per_step = re.findall(r"^tokens_per_s:(\d+) ms_per_step:(\S+) mfu:n/a$", log_text, re.M)[-1]
     assert float(ms_per_step) == pytest.approx(train_ms / 7, abs=0.1)
     assert int(tokens_per_s) == pytest.approx(7 * args.step_tokens / (train_ms / 1000), rel=0.01)
