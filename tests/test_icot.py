@@ -47,17 +47,6 @@ def test_cpu_tests_run_the_cpu_path_also_on_a_gpu_machine():
 
 # ---- Vocabulary and line checking ----
 
-def test_logits_are_soft_capped_at_15_with_tanh():
-    """The form the committed checkpoints of records/icot were trained with."""
-    torch.manual_seed(0)
-    gpt = icot.GPT(tiny_hp(n_layer=1, model_dim=32))
-    torch.nn.init.normal_(gpt.lm_head.weight, std=10)
-    hidden = torch.randn(4, 32)
-    raw = gpt.lm_head(hidden)
-    assert raw.abs().max() > 30  # far into the cap
-    torch.testing.assert_close(gpt.logits(hidden), 15 * torch.tanh(raw / 15))
-
-
 def test_tokens_round_trip_and_layout():
     tokens = icot.encode(LINE_4X4)
     assert len(tokens) == 66 and max(tokens) < icot.VOCAB_SIZE
@@ -241,6 +230,17 @@ def test_compile_traces_one_graph_with_eager_gradients():
     assert len(gradients[0]) == len(nonzero) > 30 and sum(nonzero) >= len(nonzero) - 2, f"{sum(nonzero)} non-zero"
     for compiled, eager in zip(*gradients):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_are_soft_capped_at_15_with_tanh():
+    """The form the committed checkpoints of records/icot were trained with."""
+    torch.manual_seed(0)
+    gpt = icot.GPT(tiny_hp(n_layer=1, model_dim=32))
+    torch.nn.init.normal_(gpt.lm_head.weight, std=10)
+    hidden = torch.randn(4, 32)
+    raw = gpt.lm_head(hidden)
+    assert raw.abs().max() > 30  # far into the cap
+    torch.testing.assert_close(gpt.logits(hidden), 15 * torch.tanh(raw / 15))
 
 
 # ---- Exact match, stepwise removal, optimizer reset, best checkpoint ----
@@ -955,7 +955,6 @@ def tiny_run(tmp_path_factory):
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return dirs, args, run.stdout
-
 
 
 @pytest.mark.parametrize("stages, nocot_steps", [

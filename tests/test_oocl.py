@@ -418,8 +418,8 @@ def test_tiny_preset_reaches_full_train_accuracy(tmp_path):
     assert f"step:{args.steps}/{args.steps} val_loss:" in log and "peak memory" in log and "cos_in:" in log
     # the log's val_loss (what records/ttest.py and plot.py read) is the held-out table-1 loss
     val_loss = re.findall(rf"^step:{args.steps}/{args.steps} val_loss:(\S+) ", log, re.M)[-1]
-    assert float(val_loss) == pytest.approx(final["op1_test_loss"], abs=1e-4) and final["op1_test_loss"] != pytest.approx(
-        final["op1_train_loss"], abs=1e-3)
+    assert float(val_loss) == pytest.approx(final["op1_test_loss"], abs=1e-4)
+    assert final["op1_test_loss"] != pytest.approx(final["op1_train_loss"], abs=1e-3)  # the two can be told apart
     assert log.startswith(open(oocl.__file__).read())
 
 
