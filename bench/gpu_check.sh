@@ -31,7 +31,8 @@
 #   GPT_ARGS        more train_gpt.py arguments for the gpt and record parts (e.g. --no_coordinate_descent_tuning
 #                   when its compilation does not fit a call even with Inductor's cache from the last one)
 #   ICOT_ARGS, OOCL_ARGS   override the arguments of those parts
-#   PART_SECONDS=570 each part is stopped (with every process it started) after this long: exit 124 in its row,
+#   PART_SECONDS=570 each part is stopped (with every process it started) after this long, counted from its
+#                   start (writing the synthetic shards and waiting for an idle GPU included): exit 124 in its row,
 #                   and the next part still runs inside the device tool's 10-minute command
 #   PYTHON=python3
 #
@@ -64,6 +65,10 @@ if [[ " $* " == *" public "* ]]; then
     [[ -n "${RECORD_LOG:-}" && -f "${RECORD_LOG:-}" ]] \
         || die "the public part needs RECORD_LOG=<a public record log whose first part is the script>, e.g." \
             "bench/public/000_592014ec-6781-4f59-b274-c4af68ccfe75.txt (records/gpu/README.md says where it comes from)"
+    # An empty file (a failed `git show ... > file` leaves one) would be found out only on the GPU, a call lost.
+    awk '/^=+$/ && length($0) >= 20 {found = NR > 1; exit} END {exit !found}' "$RECORD_LOG" \
+        || die "RECORD_LOG=$RECORD_LOG holds no record script (the log's text up to its first line of '='" \
+            "characters): it is empty or not a record log; write it again (records/gpu/README.md)"
 fi
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' \
     || die "no NVIDIA GPU is visible (nvidia-smi -L lists none); this check needs one GPU"
@@ -127,13 +132,17 @@ gpu_idle() {
 timed() {
     local name="$1" pattern="$2"
     shift 2
-    local log="$CHECK_DIR/$name.log" start end status
+    local log="$CHECK_DIR/$name.log" start end status limit
     gpu_idle
-    echo "== $name: $*"
+    # What the part did before (shards, the idle wait) counts: PART_SECONDS bounds the whole part.
+    limit=$((PART_SECONDS - (SECONDS - PART_START)))
+    ((limit >= 1)) || limit=1
+    echo "== $name (at most $limit s): $*"
     start=$(date +%s)
-    timeout -k 15 "$PART_SECONDS" "$@" 2>&1 | tee "$log"
+    timeout -k 15 "$limit" "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
-    [[ "$status" != 124 ]] || echo "gpu_check.sh: $name stopped after PART_SECONDS=$PART_SECONDS s" | tee -a "$log"
+    [[ "$status" != 124 ]] \
+        || echo "gpu_check.sh: $name stopped at the part's limit, PART_SECONDS=$PART_SECONDS s" | tee -a "$log"
     end=$(date +%s)
     local lines command="$*"
     lines="$(grep -E "$pattern" "$log" | tail -n 8 | tr '\n' ';' | sed 's/|/\\|/g')"
@@ -148,8 +157,9 @@ synthetic_shards() {
     if [[ ! -f "$SYNTHETIC_DIR/synthetic_val_000000.bin" ]]; then
         rm -rf "$SYNTHETIC_DIR"
         # val: 10485760 tokens are read, plus the target of the last one
-        "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 --val_tokens 10551296 \
-            || die "writing synthetic shards into $SYNTHETIC_DIR failed"
+        timeout "$PART_SECONDS" "$PYTHON" data/synthetic.py --out "$SYNTHETIC_DIR" --train_tokens 200000000 \
+            --val_tokens 10551296 || die "writing synthetic shards into $SYNTHETIC_DIR failed (or took more than" \
+                "PART_SECONDS=$PART_SECONDS s)"
     fi
 }
 
@@ -257,6 +267,7 @@ part_oocl() {
 write_env
 failed=0
 for part in "$@"; do
+    PART_START=$SECONDS
     case "$part" in
         env) ;;
         tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu \

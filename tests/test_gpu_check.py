@@ -39,6 +39,7 @@ if [[ "$*" == *train_gpt.py* ]]; then
     echo "step:$steps/5690 train_time:$((steps * 1900))ms step_avg:1900.00ms"; echo "tokens_per_s:275941 ms_per_step:1900.00 mfu:45.00%"
     echo "peak memory allocated: 61000 MiB reserved: 62000 MiB"
 fi
+if [[ "$*" == *synthetic.py* && -n "${FAKE_SHARD_SECONDS:-}" ]]; then sleep "$FAKE_SHARD_SECONDS"; fi
 if [[ "$*" == *synthetic.py* ]]; then mkdir -p data/synthetic_gpu; touch data/synthetic_gpu/synthetic_train_000001.bin data/synthetic_gpu/synthetic_val_000000.bin; fi
 exit "${FAKE_EXIT:-0}"
 """
@@ -217,6 +218,20 @@ def test_each_part_stops_in_time_for_its_results_to_come_back(check):
     assert limit + 15 <= 585
 
 
+def test_every_documented_call_fits_one_device_command():
+    """A call whose parts, run to their limits, outlast the device tool's 600 s is stopped before its tar: all it
+    measured is lost. So the calls the READMEs show fit, with each part's 15 s kill grace."""
+    default = int(re.search(r'PART_SECONDS="\$\{PART_SECONDS:-(\d+)\}"', GPU_CHECK.read_text()).group(1))
+    calls = []
+    for doc in ("README.md", "records/gpu/README.md"):
+        text = (GPU_CHECK.parents[1] / doc).read_text()
+        calls += re.findall(r"((?:[A-Z_]+=\S+ +)*)bench/gpu_check\.sh((?: +[a-z]+\b(?![/.]))+)", text)
+    assert len(calls) >= 10, calls
+    for assignments, parts in calls:
+        seconds = int(dict(a.split("=", 1) for a in assignments.split()).get("PART_SECONDS", default))
+        assert len(parts.split()) * (seconds + 15) <= 585, f"{assignments}bench/gpu_check.sh{parts}"
+
+
 def test_icot_and_oocl_parts_run_their_scripts_at_gpu_size_with_overrides(check):
     check.shared(check.root.parent / "shared")
     result = check.run("icot", "oocl")
@@ -303,4 +318,24 @@ def test_a_part_past_its_time_limit_is_stopped_with_its_processes(check):
     assert time.monotonic() - start < 25  # the sleeping child was stopped too (tee waits for every writer)
     assert result.returncode == 1
     assert "| gpt | " in (check.out / "summary.md").read_text() and "| 124 |" in (check.out / "summary.md").read_text()
-    assert "gpt stopped after PART_SECONDS=2 s" in (check.out / "gpt.log").read_text()
+    assert "gpt stopped at the part's limit, PART_SECONDS=2 s" in (check.out / "gpt.log").read_text()
+
+
+def test_a_parts_limit_counts_the_writing_of_its_shards(check):
+    """The first gpt call writes 200M tokens of shards before its run: that time comes out of the part's limit,
+    or a part run to its limit ends after the device command was stopped, and its results never come back."""
+    start = time.monotonic()
+    result = check.run("gpt", PART_SECONDS="6", FAKE_SHARD_SECONDS="4", FAKE_SLEEP="40")
+    assert time.monotonic() - start < 8.5  # 4 s of shards, then 2 of the run, not 4 + 6
+    assert result.returncode == 1 and "| 124 |" in (check.out / "summary.md").read_text()
+    assert "== gpt (at most 2 s): " in result.stdout
+
+
+def test_a_record_log_without_the_script_is_refused_before_anything_runs(check, tmp_path):
+    """A `git show ... > file` that failed leaves an empty file: found on the GPU, it would cost a call."""
+    log = tmp_path / "record_log.txt"
+    for text in ("", "step:1/5690 val_loss:10.8\n", "=" * 100 + "\nRunning Python 3.10\n"):
+        log.write_text(text)
+        result = check.run("public", RECORD_LOG=str(log))
+        assert result.returncode == 1 and f"RECORD_LOG={log} holds no record script" in result.stderr, text
+    assert check.lines() == []
