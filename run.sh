@@ -128,13 +128,14 @@ else
 fi
 
 # ---- Set-up of a fresh node ----
+# What the scripts and the FineWeb download import (a node with torch but no hub client would fail the download).
+NEEDED="torch, numpy, tiktoken, triton, huggingface_hub"
 if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ $PYTHON -m pip install -r $REPO_ROOT/requirements.txt  (only if: $PYTHON -c 'import torch, numpy, tiktoken, triton' fails)"
-elif ! "$PYTHON" -c "import torch, numpy, tiktoken, triton" >/dev/null 2>&1; then
-    echo "run.sh: installing $REPO_ROOT/requirements.txt (torch, numpy, tiktoken or triton is missing)"
+    echo "+ $PYTHON -m pip install -r $REPO_ROOT/requirements.txt  (only if: $PYTHON -c 'import $NEEDED' fails)"
+elif ! "$PYTHON" -c "import $NEEDED" >/dev/null 2>&1; then
+    echo "run.sh: installing $REPO_ROOT/requirements.txt (one of $NEEDED is missing)"
     "$PYTHON" -m pip install -r "$REPO_ROOT/requirements.txt" || die "pip install -r requirements.txt failed (see above)"
-    "$PYTHON" -c "import torch, numpy, tiktoken, triton" \
-        || die "torch, numpy, tiktoken and triton still do not import after installing requirements.txt"
+    "$PYTHON" -c "import $NEEDED" || die "$NEEDED still do not all import after installing requirements.txt"
 fi
 # FineWeb is fetched only for a run that reads it from the default paths: not for other shards
 # (--train_files and --val_files) nor for the tiny preset (it trains on a synthetic set when FineWeb is missing).

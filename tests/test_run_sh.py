@@ -209,15 +209,15 @@ def test_fresh_node_installs_fetches_and_launches(repo):
     result = repo.run("train_gpt.py", "--seed=1", dry_run=False, NPROC="2", FINEWEB_TRAIN_SHARDS="3")
     assert result.returncode == 0, result.stderr
     assert repo.calls() == [
-        "python -c import torch, numpy, tiktoken, triton",
+        "python -c import torch, numpy, tiktoken, triton, huggingface_hub",
         f"python -m pip install -r {repo.root}/requirements.txt",
-        "python -c import torch, numpy, tiktoken, triton",
+        "python -c import torch, numpy, tiktoken, triton, huggingface_hub",
         f"python {repo.root}/data/cached_fineweb10B.py 3",
         f"torchrun --standalone --nproc_per_node=2 {repo.root}/train_gpt.py --seed=1",
     ]
     # Second run: the imports work now, so nothing is installed.
     repo.run("oocl.py", dry_run=False)
-    assert repo.calls()[5:] == ["python -c import torch, numpy, tiktoken, triton",
+    assert repo.calls()[5:] == ["python -c import torch, numpy, tiktoken, triton, huggingface_hub",
                                 f"torchrun --standalone --nproc_per_node=4 {repo.root}/oocl.py"]
 
 
