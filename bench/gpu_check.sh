@@ -264,13 +264,19 @@ part_oocl() {
         ${OOCL_ARGS:-sweep --p 113 --model_dim 128 --mlp_dim 512 --num_heads 4 --lr 1e-3 --eval_every 250 --holdout1 0.9 --holdout2 0.3 --k 1 0 0 1 1 1 --seeds 0 1 2 --steps 1000 --quiet --overwrite --out_dir $CHECK_DIR/oocl}
 }
 
+# train_gpt.py's CUDA tests first: a tests part stopped at its limit has then checked the speedrun's kernels.
+GPU_TESTS=(tests/gpu/test_gpu_train_gpt.py)
+for file in tests/gpu/test_*.py; do
+    [[ "$file" == "${GPU_TESTS[0]}" || ! -f "$file" ]] || GPU_TESTS+=("$file")
+done
+
 write_env
 failed=0
 for part in "$@"; do
     PART_START=$SECONDS
     case "$part" in
         env) ;;
-        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu \
+        tests) timed tests 'passed|failed|error' "$PYTHON" -m pytest -v -s -rfEs --tb=short --durations=0 "${GPU_TESTS[@]}" \
                    || failed=1 ;;
         suite) timed suite 'passed|failed|error' "$PYTHON" -m pytest -v -rfEs --tb=short tests || failed=1 ;;
         gpt) part_gpt || failed=1 ;;

@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def cpu_path_outside_tests_gpu(request, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if "train_icot" in sys.modules:
         monkeypatch.setattr(sys.modules["train_icot"], "DEVICE", torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def wall_time_of_gpu_tests(request):
+    """Each CUDA test prints its wall time as it ends (the GPU check's tests part runs pytest with -s): a part
+    stopped at its time limit never prints pytest's --durations table, and the next lease needs to know where
+    the time went."""
+    start = time.monotonic()
+    yield
+    if torch.cuda.is_available() and REPO_ROOT / "tests" / "gpu" in Path(str(request.fspath)).parents:
+        print(f"\n[{request.node.nodeid}: {time.monotonic() - start:.1f} s]", flush=True)
 
 
 def interrupt_when(command, marker, cwd, env=None, sig=signal.SIGINT):

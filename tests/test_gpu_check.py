@@ -55,6 +55,9 @@ def check(tmp_path):
     root = tmp_path / "repo"
     (root / "bench").mkdir(parents=True)
     shutil.copy(GPU_CHECK, root / "bench" / "gpu_check.sh")
+    (root / "tests" / "gpu").mkdir(parents=True)
+    for name in ("test_gpu_icot.py", "test_gpu_oocl.py", "test_gpu_train_gpt.py"):
+        (root / "tests" / "gpu" / name).write_text("")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "python", FAKE_PYTHON)
@@ -263,7 +266,8 @@ def test_papers_files_and_tiktoken_cache_come_from_beside_or_inside_the_checkout
     check.shared(check.root / "shared")  # inside: both
     assert check.run("icot", "tests").returncode == 0
     assert "--paper_dir=shared/icot" in [line for line in check.lines() if "train_icot.py" in line][0]
-    assert any(line.endswith("-m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu") for line in check.lines())
+    assert any(line.endswith("-m pytest -v -s -rfEs --tb=short --durations=0 tests/gpu/test_gpu_train_gpt.py "
+                             "tests/gpu/test_gpu_icot.py tests/gpu/test_gpu_oocl.py") for line in check.lines())
     assert check.run("suite").returncode == 0
     assert check.lines()[-1].endswith("-m pytest -v -rfEs --tb=short tests")
     cache = Path(str(check.calls) + ".tiktoken").read_text().splitlines()

@@ -60,10 +60,39 @@ def beyond_bf16_noise(reference, eager, candidate):
     return beyond
 
 
-@pytest.mark.parametrize("kind", ["teacher", "couple"])
-def test_compiled_bf16_loss_and_gradients_match_eager(kind):
-    model, tokens = trained_model(kind, "cuda")
+def relative_distance(candidate, reference):
+    """Over all parameters: |candidate - reference| / |reference|, the gradients taken as one vector."""
+    error = sum((candidate[name] - grad).norm() ** 2 for name, grad in reference.items())
+    return (error / sum(grad.norm() ** 2 for grad in reference.values())).sqrt().item()
+
+
+def test_compiled_bf16_teacher_loss_and_gradients_match_eager():
+    model, tokens = trained_model("teacher", "cuda")
     fp32_loss, compiled_loss, beyond = gradients_beyond_bf16_noise(model, torch.compile(model), tokens)
     assert 0.01 < fp32_loss < 3.0  # trained, not ln(vocab) against ln(vocab)
     assert compiled_loss == pytest.approx(fp32_loss, rel=3e-2, abs=3e-2)
     assert beyond == []
+
+
+def test_compiled_couple_graph_matches_eager_in_fp32_and_within_bf16_noise(monkeypatch):
+    """The implicit student with its emulator. Compiled against eager in fp32 (TF32 off, also in cuDNN's LSTM): the
+    graph itself, to 1e-2 per parameter (on CPU the worst is 7e-4). Under bf16 autocast many emulator gradients are
+    noise (norms down to 1e-8; eager bf16 alone is 0.2 to 4 of their norm away from fp32 on CPU, and the first
+    lease failed a per-parameter bound there), so bf16 is checked on all gradients as one vector: as close to fp32
+    as 4 x eager bf16 + 2% (on CPU compiled 0.038, eager 0.015)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, tokens = trained_model("couple", "cuda")
+    compiled = torch.compile(model)
+    fp32_loss, reference = loss_and_gradients(model, model, tokens, bf16=False)
+    compiled_fp32_loss, compiled_fp32 = loss_and_gradients(model, compiled, tokens, bf16=False)
+    assert 0.01 < fp32_loss < 3.0
+    assert compiled_fp32_loss == pytest.approx(fp32_loss, rel=1e-3)
+    far = {name: round(relative_distance({name: compiled_fp32[name]}, {name: grad}), 5)
+           for name, grad in reference.items()}
+    assert {name: error for name, error in far.items() if error > 1e-2} == {}
+    _, eager_bf16 = loss_and_gradients(model, model, tokens, bf16=True)
+    compiled_bf16_loss, compiled_bf16 = loss_and_gradients(model, compiled, tokens, bf16=True)
+    assert compiled_bf16_loss == pytest.approx(fp32_loss, rel=3e-2, abs=3e-2)
+    eager_error, error = relative_distance(eager_bf16, reference), relative_distance(compiled_bf16, reference)
+    assert error < 4 * eager_error + 0.02, (error, eager_error)

@@ -27,8 +27,8 @@ def loss_and_grads(args, group, loss_fn):
 
 
 @pytest.mark.parametrize("extra", [[], ["--num_layers", "2", "--tied_embeddings", "--alias_groups", "3"]])
-def test_compiled_loss_matches_eager_on_cuda(extra):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_compiled_loss_matches_eager_on_cuda(extra, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 sums; restored for the next tests
     args, group = gpu_size_group(torch.device("cuda"), *extra)
     eager_loss, eager = loss_and_grads(args, group, oocl.weighted_loss)
     compiled_loss, compiled = loss_and_grads(args, group, torch.compile(oocl.weighted_loss))
@@ -38,8 +38,8 @@ def test_compiled_loss_matches_eager_on_cuda(extra):
         torch.testing.assert_close(compiled[name], g, rtol=2e-3, atol=1e-5, msg=name)
 
 
-def test_cuda_path_matches_cpu_path():
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_path_matches_cpu_path(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     args, gpu = gpu_size_group(torch.device("cuda"))
     _, cpu = gpu_size_group(torch.device("cpu"))
     gpu_loss, gpu_grads = loss_and_grads(args, gpu, oocl.weighted_loss)

@@ -1,5 +1,5 @@
 """CUDA tests of train_gpt.py at real shapes: kernels against their references, compiled against eager, and a
-1-process NCCL run of the tiny preset. Skipped without a GPU.
+one-GPU torchrun run of the tiny preset. Skipped without a GPU.
 
     python -m pytest -q -s tests/gpu/test_gpu_train_gpt.py     # -s shows the X @ X^T timings
 """
@@ -53,23 +53,19 @@ def test_xxt_kernel_matches_reference(shape):
     torch.testing.assert_close(tg.xxt_triton(x.mT.contiguous().mT).float(), expected, rtol=2e-2, atol=0.5)  # strided
 
 
-def milliseconds(fn, repeats=50):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+def milliseconds(fn):
+    """GPU time of one call, from calls captured in a CUDA graph: at 1024 x 1024 a launch from Python costs more
+    than the kernel (the first lease timed launches, not tiles)."""
+    import triton.testing  # here: without a GPU (and so without Triton, on some machines) the module still skips
+    return triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
 def test_xxt_kernel_is_not_slower_than_cublas():
-    """Prints the time of every tile candidate next to cuBLAS (keep the fastest in XXT_TILES, with the numbers in
-    records/); fails if the chosen tiles are slower than a plain cuBLAS matmul."""
+    """Prints the time of every tile candidate next to cuBLAS at both shapes of Muon's X @ X^T (keep the fastest in
+    XXT_TILES, with the numbers in records/); fails if the chosen tiles are slower than a plain cuBLAS matmul."""
     candidates = [dict(block_m=m, block_k=k, num_warps=w, num_stages=s)
                   for m, k, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)]]
+    slower = []
     for shape in [(1024, 1024), (1024, 4096)]:
         x = torch.randn(*shape, device="cuda", generator=cuda_generator()).bfloat16()
         cublas = milliseconds(lambda: x @ x.mT)
@@ -78,7 +74,9 @@ def test_xxt_kernel_is_not_slower_than_cublas():
             print(f"  {tiles}: {milliseconds(lambda: tg.xxt_triton(x, **tiles)):.4f} ms")
         chosen = milliseconds(lambda: tg.xxt_triton(x))
         print(f"  chosen {tg.XXT_TILES}: {chosen:.4f} ms")
-        assert chosen <= 1.05 * cublas, (shape, chosen, cublas)
+        if chosen > 1.05 * cublas:
+            slower.append((shape, round(chosen, 4), round(cublas, 4)))
+    assert slower == [], "the chosen tiles are slower than cuBLAS at (shape, ms, cuBLAS ms): see the timings above"
 
 
 def test_newton_schulz_on_gpu_orthogonalises():
@@ -143,13 +141,24 @@ def test_compiled_model_forward_and_backward_match_eager():
     assert beyond_bf16_noise(reference, eager, compiled) == []
 
 
-def test_tiny_preset_as_one_nccl_process(tmp_path):
-    """torchrun with one process: NCCL process group, compiled model, synthetic data (or FineWeb if present)."""
+def test_tiny_preset_under_torchrun_on_one_gpu(tmp_path):
+    """torchrun with one process: compiled model, Triton kernels, synthetic data (or FineWeb if present). World size
+    1 creates no process group (NCCL needs one GPU per rank; the multi-process path is tested on CPU with gloo).
+    Without coordinate descent tuning, which only makes kernels faster (the gpt part times it), so that the test
+    fits the tests part's time."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               str(REPO_ROOT / "train_gpt.py"), "--preset=tiny", f"--log_dir={tmp_path}"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+               str(REPO_ROOT / "train_gpt.py"), "--preset=tiny", "--no_coordinate_descent_tuning",
+               f"--log_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun stops its worker, which runs in a session of its own, before it exits
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the tiny run did not end in 240 s; its last output:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-6000:]
     log_text = next(tmp_path.glob("*.txt")).read_text()
     assert "CUDA none" not in log_text and "peak memory allocated:" in log_text
     losses = [float(v) for v in re.findall(r"^step:\d+/\d+ val_loss:(\d+\.\d{6}) ", log_text, re.M)]
