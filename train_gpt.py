@@ -504,6 +504,12 @@ def muon_update(weight, grad, momentum_buffer, low_bits, momentum_lr, lr_mul, de
     low_bits.copy_(low)
 
 
+def to_device_async(tensor, device):
+    """A CPU tensor on `device`; on CUDA through pinned memory, so the copy does not wait for the GPU work already
+    queued (a plain .to(device) from pageable memory waits for all of it)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 class Muon:
     """Momentum + Newton-Schulz orthogonalisation for the block matrices. Matrices of equal shape are dealt
     round-robin to the ranks: each rank updates its share, then the new bf16 weights are all-gathered."""
@@ -518,7 +524,8 @@ class Muon:
 
     @torch.no_grad()
     def step(self, lr_scale, momentum):
-        momentum_lr = torch.tensor([momentum, self.lr * lr_scale], device=self.params[0].device)
+        # queued behind the backward, not waited for: the CPU goes on launching the updates
+        momentum_lr = to_device_async(torch.tensor([momentum, self.lr * lr_scale]), self.params[0].device)
         gathers = []
         for group in self.groups:
             for base in range(0, len(group), self.world_size):
@@ -701,9 +708,7 @@ def check_train_data(files, args):
 def to_device(tokens, device):
     """n + 1 consecutive tokens -> (inputs int32, targets int64) of n tokens each, copied asynchronously on CUDA."""
     pair = torch.from_numpy(np.asarray(tokens[:-1], dtype=np.int32)), torch.from_numpy(np.asarray(tokens[1:], dtype=np.int64))
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in pair)
-    return pair
+    return tuple(to_device_async(t, device) for t in pair)
 
 
 def rank_sequences(tokens, seq_len, per_rank, rank, world_size):
@@ -1041,6 +1046,22 @@ def gpu_list(use_cuda):
     return "\n".join(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
 
 
+def read_later(value):
+    """A function that returns float(value), waiting only for the GPU work queued before this call. (value.item()
+    called later would wait for everything queued by then: the next step's whole work.)"""
+    if value.device.type != "cuda":
+        return value.item
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()
+        return host.item()
+    return read
+
+
 def check_finite(kind, loss, step, args, log):
     """A NaN or infinite loss ends the run at once, with a log line and one error."""
     if not math.isfinite(loss):
@@ -1177,7 +1198,7 @@ def main(argv):
             "(schedules of the full run); the final validation is skipped")
     peak = peak_flops(device)
     matmul_params = counts["matrices"] + counts["head"]
-    training_time_ms, total_flops, loss = 0.0, 0.0, None
+    training_time_ms, total_flops, read_loss = 0.0, 0.0, None
 
     def sync():
         if use_cuda:
@@ -1193,8 +1214,8 @@ def main(argv):
         if step == args.num_iterations or (args.val_every > 0 and step % args.val_every == 0):
             sync()
             training_time_ms += 1000 * (time.perf_counter() - t0)
-            if loss is not None:
-                check_finite("train", loss.item(), step, args, log)
+            if read_loss is not None:
+                check_finite("train", read_loss(), step, args, log)
             val_loss = evaluate(run_model, val_tokens, args, rank, world_size, windows[window_blocks(step, args)], device)
             step_avg = f"{training_time_ms / step:.2f}" if step else "nan"
             log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.6f} train_time:{training_time_ms:.0f}ms step_avg:{step_avg}ms")
@@ -1205,11 +1226,11 @@ def main(argv):
             t0 = time.perf_counter()
         if step == last_step:
             break
-        previous_loss = loss
-        loss = train_step(run_model, batches, micro_steps, averager, muon, adam, lr_factor(step, args),
-                          muon_momentum(step, args), windows[window_blocks(step, args)])
-        if previous_loss is not None:  # one step behind: the GPU is already busy with this step
-            check_finite("train", previous_loss.item(), step, args, log)
+        read_previous_loss = read_loss
+        read_loss = read_later(train_step(run_model, batches, micro_steps, averager, muon, adam, lr_factor(step, args),
+                                          muon_momentum(step, args), windows[window_blocks(step, args)]))
+        if read_previous_loss is not None:  # one step behind: waits for the last step, not for this one
+            check_finite("train", read_previous_loss(), step, args, log)
         total_flops += args.step_tokens * flops_per_token(args, model.layout, matmul_params, window_blocks(step, args))
         approx_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
         log(f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
@@ -1217,7 +1238,7 @@ def main(argv):
     if last_step < args.num_iterations:
         sync()
         training_time_ms += 1000 * (time.perf_counter() - t0)
-        check_finite("train", loss.item(), last_step, args, log)
+        check_finite("train", read_loss(), last_step, args, log)
         log(f"timed steps: {last_step} ({args.step_tokens} tokens each) "
             + throughput_line(last_step, training_time_ms, total_flops, args.step_tokens, peak, world_size))
     if use_cuda:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,31 @@ def test_compiled_muon_update_matches_eager():
     eager = muon_update_change(tg.muon_update, (4096, 1024), "cuda")
     compiled = muon_update_change(torch.compile(tg.muon_update, dynamic=False), (4096, 1024), "cuda")
     assert (compiled - eager).norm() < 0.05 * eager.norm()
+
+
+def queue_gpu_work(matmuls=20):
+    """Queues fp32 8192^3 matmuls (20: about 0.4 s on an H100) without waiting for them."""
+    a, b = torch.randn(2, 8192, 8192, device="cuda", generator=cuda_generator())
+    out = torch.empty_like(a)
+    for _ in range(matmuls):
+        torch.matmul(a, b, out=out)
+
+
+def test_loss_reads_and_optimizer_scalars_do_not_wait_for_work_queued_after_them():
+    """The loop checks each step's loss one step late, and Muon's momentum and lr go to the GPU in every step: neither
+    may wait for the GPU work queued by then (a later .item() or a copy from pageable memory waits for all of it),
+    or the GPU idles while the CPU catches up."""
+    read = tg.read_later(torch.tensor(3.5, device="cuda") * 2)
+    torch.cuda.synchronize()
+    queue_gpu_work()
+    start = time.perf_counter()
+    assert read() == 7.0
+    scalars = tg.to_device_async(torch.tensor([0.95, 0.025]), torch.device("cuda"))
+    waited = time.perf_counter() - start
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    assert scalars.tolist() == pytest.approx([0.95, 0.025])
+    assert total > 0.05 and waited < 0.2 * total, (waited, total)
 
 
 def dense_reference_mask(docs, block_size, window_blocks):
