@@ -800,8 +800,21 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
     history = [[] for _ in specs]
     best, best_step, stop_step = [-1.0] * len(specs), [0] * len(specs), [None] * len(specs)
     train_time_ms, timed_steps = 0.0, 0
+    # Steps are timed together between two evaluations, not one by one: a wait for the GPU around every step
+    # would keep it from running ahead of the CPU. Step 0 (compilation) is not timed.
+    window_start, window_steps = None, 0
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
+            if window_start is not None:
+                sync()
+                train_time_ms += (time.perf_counter() - window_start) * 1000
+                timed_steps += window_steps
+                window_start = None
             metrics = group.evaluate()
             step_avg = f"{train_time_ms / timed_steps:.2f}" if timed_steps else "nan"
             active = [stop_step[r] is None for r in range(len(specs))]
@@ -831,18 +844,18 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
                     f"train_time:{train_time_ms:.0f}ms step_avg:{step_avg}ms")
         if None not in stop_step:
             break
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        if step > 0 and window_start is None:
+            sync()
+            window_start, window_steps = time.perf_counter(), 0
         group.train_step(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = (time.perf_counter() - start) * 1000
-        if step >= 1:  # step 0 includes compilation
-            train_time_ms += elapsed
-            timed_steps += 1
-        if not args.quiet:
-            line = f"step:{step + 1}/{args.steps} train_time:{train_time_ms:.0f}ms step_avg:{train_time_ms / max(timed_steps, 1):.2f}ms"
+        if step == 0:
+            sync()
+        else:
+            window_steps += 1
+        if not args.quiet:  # between evaluations the time of the steps queued so far, not waited for
+            approx_ms = train_time_ms + (1000 * (time.perf_counter() - window_start) if window_start else 0)
+            line = (f"step:{step + 1}/{args.steps} train_time:{approx_ms:.0f}ms "
+                    f"step_avg:{approx_ms / max(timed_steps + window_steps, 1):.2f}ms")
             logs.each([line if s is None else None for s in stop_step])
     if timed_steps:
         seconds = train_time_ms / 1000 / timed_steps

@@ -357,6 +357,12 @@ def setup_distributed():
             dist.init_process_group("gloo")
 
 
+def to_device_async(tensor):
+    """A CPU tensor on DEVICE; on CUDA through pinned memory, so the copy does not wait for the GPU work already
+    queued (a plain .to(DEVICE) from pageable memory waits for all of it)."""
+    return tensor.pin_memory().to(DEVICE, non_blocking=True) if DEVICE.type == "cuda" else tensor
+
+
 def barrier():
     if WORLD_SIZE > 1:
         dist.barrier()
@@ -573,11 +579,14 @@ def kept_positions(width, layout, removed, device):
     return torch.where(position <= layout.sep1, position, position + removed)
 
 
-def drop_cot_rows(tokens, layout, removed):
+def drop_cot_rows(tokens, layout, removed, fewest_removed=None):
     """Each line its own number of removed CoT tokens (removed: (B,) ints): the lines are shifted left and padded
     on the right with <eos> to the longest; returns (seq, mask of the real tokens). Padding comes after every real
-    token, so with causal attention and rotary (relative) positions no real token ever sees it."""
-    source = kept_positions(layout.seq_len - int(removed.min()), layout, removed, tokens.device)
+    token, so with causal attention and rotary (relative) positions no real token ever sees it. fewest_removed: a
+    lower bound of `removed` known on the host (training passes the model's own count), so that the width needs no
+    read from the GPU, which would wait for its queued work and break the compiled graph; default removed.min()."""
+    fewest_removed = int(removed.min()) if fewest_removed is None else fewest_removed
+    source = kept_positions(layout.seq_len - fewest_removed, layout, removed, tokens.device)
     real = source < layout.seq_len
     seq = tokens.gather(1, source.clamp(max=layout.seq_len - 1))
     return seq.masked_fill(~real, EOS), real
@@ -822,18 +831,20 @@ class IcotModel(nn.Module):
         return self.lm(seq, lambda layer, x: replace_position(x, sep1, inject[layer](states[:, layer].to(x.dtype))),
                        positions)
 
-    def forward(self, tokens, reduction="mean", removed_rows=None):
+    def forward(self, tokens, reduction="mean", removed_rows=None, fewest_removed=None):
         """Training loss of a batch of teacher-layout lines: squared error summed over the state dimension, averaged
         over lines and layers, as the paper (emulator), else cross-entropy of every token after '||' (whatever CoT
         is left, '####', the answer, <eos>). removed_rows: (B,) CoT tokens removed per line (stepwise smoothing), else
-        self.removed on every line."""
+        self.removed on every line; fewest_removed: their lower bound, if known on the host (drop_cot_rows). An
+        argument, not self.removed: the compiler takes a module's int attribute as a constant and would compile
+        again at every increment, an argument's only once more."""
         tokens = tokens.long()
         if self.kind == "emulator":
             error = self.emulator_error(tokens).square().sum(-1)
             return error.mean() if reduction == "mean" else error.mean(1).sum()
         sep1 = self.layout.sep1
         if removed_rows is not None:
-            seq, real = drop_cot_rows(tokens, self.layout, removed_rows)
+            seq, real = drop_cot_rows(tokens, self.layout, removed_rows, fewest_removed)
             targets = seq[:, sep1 + 1:].masked_fill(~real[:, sep1 + 1:], -100)  # no loss on the padding
         else:
             seq = drop_cot(tokens, self.layout, self.removed)
@@ -1231,7 +1242,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     # a resumed stage's batches and removal offsets are drawn anew: its first seed would replay the earlier parts'
     generator = torch.Generator().manual_seed(hp.seed + RANK + 1_000_003 * trained_before)
     data = train_set.tokens.to(DEVICE)
-    order, cursor = torch.randperm(len(data), generator=generator), 0
+    order, cursor = torch.randperm(len(data), generator=generator).to(DEVICE), 0  # on the GPU: no copy per step
     removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
     if resumed:  # from the step it had reached in its increment (a fresh optimizer, as at any increment)
         first = min(start for start, removed in removals.items() if removed >= model.removed)
@@ -1334,15 +1345,16 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
                 synchronize()
                 window_start = time.perf_counter()
             if cursor + local_batch > len(order):
-                order, cursor = torch.randperm(len(data), generator=generator), 0
-            batch = data[order[cursor:cursor + local_batch].to(DEVICE)]
+                order, cursor = torch.randperm(len(data), generator=generator).to(DEVICE), 0
+            batch = data[order[cursor:cursor + local_batch]]
             cursor += local_batch
             removed_rows = None
             if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
                 offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
-                removed_rows = (model.removed + offsets).clamp(max=train_set.layout.cot_len).to(DEVICE)
+                removed_rows = to_device_async((model.removed + offsets).clamp(max=train_set.layout.cot_len))
             with autocast():
-                loss = step_model(batch, removed_rows=removed_rows)
+                # every line's count is at or above the model's own
+                loss = step_model(batch, removed_rows=removed_rows, fewest_removed=model.removed)
             loss.backward()
             if WORLD_SIZE > 1:
                 all_reduce_grads(params)

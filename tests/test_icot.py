@@ -372,14 +372,33 @@ def test_the_loss_counts_each_lines_tokens_after_the_separator_and_no_padding(tm
     assert model(batch, reduction="sum", removed_rows=removed).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_training_step_takes_the_padded_width_from_the_host(tmp_path, monkeypatch):
+    """Training pads the lines to the model's own removal count, which every line's count is at or above and which
+    the host knows: removed_rows.min() would wait for the GPU in every step and break the compiled graph. The loss
+    is that of the exact width (the padding carries none)."""
+    hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=4, eval_every=100,
+                                          stepwise_max_steps=8, stepwise_decay_steps=1)
+    calls, real_drop = [], icot.drop_cot_rows
+    monkeypatch.setattr(icot, "drop_cot_rows", lambda tokens, layout, removed, fewest=None: calls.append(
+        (int(removed.min()), fewest)) or real_drop(tokens, layout, removed, fewest))
+    icot.train_stage(hp, "stepwise", model, train_set, train_set)
+    assert calls and all(isinstance(fewest, int) and fewest <= least for least, fewest in calls), calls
+    torch.manual_seed(1)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    batch, rows = train_set.tokens[:4], torch.tensor([4, 5, 4, 6])
+    padded = model(batch, reduction="sum", removed_rows=rows, fewest_removed=2).item()
+    assert padded == pytest.approx(model(batch, reduction="sum", removed_rows=rows).item())
+
+
 def test_removal_smoothing_never_removes_more_than_the_cot(tmp_path, monkeypatch):
     """Offsets drawn past the end of the CoT stop at it: '####' and the answer are never removed from a line."""
     hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=4, eval_every=100,
                                           stepwise_max_steps=8, stepwise_decay_steps=1)
     monkeypatch.setattr(icot, "removal_offsets", lambda count, *args, **kwargs: torch.full((count,), 100))
     most_removed, real_drop = [], icot.drop_cot_rows
-    monkeypatch.setattr(icot, "drop_cot_rows", lambda tokens, layout, removed: most_removed.append(
-        int(removed.max())) or real_drop(tokens, layout, removed))
+    monkeypatch.setattr(icot, "drop_cot_rows", lambda tokens, layout, removed, *fewest: most_removed.append(
+        int(removed.max())) or real_drop(tokens, layout, removed, *fewest))
     icot.train_stage(hp, "stepwise", model, train_set, train_set)
     assert most_removed and max(most_removed) == train_set.layout.cot_len
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -421,6 +422,22 @@ def test_tiny_preset_reaches_full_train_accuracy(tmp_path):
     assert float(val_loss) == pytest.approx(final["op1_test_loss"], abs=1e-4)
     assert final["op1_test_loss"] != pytest.approx(final["op1_train_loss"], abs=1e-3)  # the two can be told apart
     assert log.startswith(open(oocl.__file__).read())
+
+
+def test_step_time_counts_the_training_steps_after_the_first_and_no_evaluation(tmp_path, monkeypatch):
+    """Steps 1.. are timed in windows between evaluations (no wait for the GPU around each step): ms_per_step is their
+    time, not that of step 0 (compilation) nor of the evaluations."""
+    real_step, real_evaluate = oocl.RunGroup.train_step, oocl.RunGroup.evaluate
+    monkeypatch.setattr(oocl.RunGroup, "train_step", lambda self, step: time.sleep(1.0 if step == 0 else 0.02)
+                        or real_step(self, step))
+    monkeypatch.setattr(oocl.RunGroup, "evaluate", lambda self: time.sleep(0.3) or real_evaluate(self))
+    args = tiny_args(tmp_path, "--steps", "10", "--eval_every", "3")
+    log = open(oocl.train_runs(args, [oocl.RunSpec(0.5, 0.5, (1.0, 1.0, 1.0), 0)])[0]["log"]).read()
+    ms_per_step = float(re.search(r"^ms_per_step:(\S+) ", log, re.M).group(1))
+    assert 20 <= ms_per_step < 80  # 9 steps of 20 ms and their work; not step 0's 1 s (> 100 ms a step), nor the
+    # 5 evaluations' 1.5 s
+    train_ms, step_avg = re.search(r"^step:10/10 val_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms", log, re.M).groups()
+    assert float(step_avg) == pytest.approx(int(train_ms) / 9, abs=0.6) == pytest.approx(ms_per_step, abs=0.6)
 
 
 def test_early_stopping_ends_a_run_after_its_patience_window(tmp_path):
