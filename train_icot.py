@@ -1242,7 +1242,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     # a resumed stage's batches and removal offsets are drawn anew: its first seed would replay the earlier parts'
     generator = torch.Generator().manual_seed(hp.seed + RANK + 1_000_003 * trained_before)
     data = train_set.tokens.to(DEVICE)
-    order, cursor = torch.randperm(len(data), generator=generator).to(DEVICE), 0  # on the GPU: no copy per step
+    order, cursor = to_device_async(torch.randperm(len(data), generator=generator)), 0  # on the GPU: no copy a step
     removals = stepwise_schedule(hp, train_set.layout, len(data)) if stepwise else {0: model.removed}
     if resumed:  # from the step it had reached in its increment (a fresh optimizer, as at any increment)
         first = min(start for start, removed in removals.items() if removed >= model.removed)
@@ -1345,7 +1345,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
                 synchronize()
                 window_start = time.perf_counter()
             if cursor + local_batch > len(order):
-                order, cursor = torch.randperm(len(data), generator=generator).to(DEVICE), 0
+                order, cursor = to_device_async(torch.randperm(len(data), generator=generator)), 0
             batch = data[order[cursor:cursor + local_batch]]
             cursor += local_batch
             removed_rows = None
