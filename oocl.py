@@ -853,7 +853,7 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
         else:
             window_steps += 1
         if not args.quiet:  # between evaluations the time of the steps queued so far, not waited for
-            approx_ms = train_time_ms + (1000 * (time.perf_counter() - window_start) if window_start else 0)
+            approx_ms = train_time_ms + (1000 * (time.perf_counter() - window_start) if window_start is not None else 0)
             line = (f"step:{step + 1}/{args.steps} train_time:{approx_ms:.0f}ms "
                     f"step_avg:{approx_ms / max(timed_steps + window_steps, 1):.2f}ms")
             logs.each([line if s is None else None for s in stop_step])

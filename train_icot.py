@@ -837,7 +837,7 @@ class IcotModel(nn.Module):
         is left, '####', the answer, <eos>). removed_rows: (B,) CoT tokens removed per line (stepwise smoothing), else
         self.removed on every line; fewest_removed: their lower bound, if known on the host (drop_cot_rows). An
         argument, not self.removed: the compiler takes a module's int attribute as a constant and would compile
-        again at every increment, an argument's only once more."""
+        again at every increment, an argument only until it takes it as dynamic (one or two increments)."""
         tokens = tokens.long()
         if self.kind == "emulator":
             error = self.emulator_error(tokens).square().sum(-1)
