@@ -652,11 +652,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.proj.weight)  # every block starts as the identity, as in the speedrun
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """cache (decoding): a list that keeps this layer's keys and values, empty on the first call; every later
+        call brings one new token, which attends to all the cached ones."""
         batch, seq_len, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, dim // self.n_head).unbind(2)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK norm, then rotary
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        first = not cache
+        if cache is not None:
+            if not first:
+                if seq_len != 1:
+                    raise ValueError("after the first call, a cached forward takes one token at a time")
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=first)  # one new token: no mask
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
@@ -681,9 +691,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, n_head)
         self.mlp = MLP(dim, mlp_mult * dim)
 
-    def forward(self, x, x00, x01, cos, sin):
+    def forward(self, x, x00, x01, cos, sin, cache=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x00 + self.lambdas[2] * x01
-        x = x + self.attn(norm(x), cos, sin)
+        x = x + self.attn(norm(x), cos, sin, cache)
         return x + self.mlp(norm(x))
 
 
@@ -697,16 +707,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(hp.model_dim, VOCAB_SIZE, bias=False)
         nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, idx, layer_fn=None, positions=None):
+    def forward(self, idx, layer_fn=None, positions=None, cache=None):
         """Final normed hidden states; layer_fn(layer, x) -> x sees (and may rewrite) the state entering each block;
-        positions: rotary positions of the tokens (default 0..T-1)."""
+        positions: rotary positions of the tokens (default 0..T-1); cache: a list (empty on the first call) that
+        keeps every layer's keys and values for decoding, after which idx is one new token and positions its own."""
         x00, x01 = norm(self.embed0(idx)), norm(self.embed1(idx))
         cos, sin = self.rotary(idx.size(1), positions)
+        if cache is not None and not cache:
+            cache.extend([] for _ in self.blocks)
         x = x00
         for layer, block in enumerate(self.blocks):
             if layer_fn is not None:
                 x = layer_fn(layer, x)
-            x = block(x, x00, x01, cos, sin)
+            x = block(x, x00, x01, cos, sin, None if cache is None else cache[layer])
         return norm(x)
 
     def logits(self, hidden):
@@ -820,16 +833,16 @@ class IcotModel(nn.Module):
             return self.emulator(tokens[:, :self.layout.sep1 + 1])
         return None
 
-    def hidden(self, seq, states, removed=None):
+    def hidden(self, seq, states, removed=None, cache=None):
         """Final hidden states of the language model on seq (lines with `removed` CoT tokens dropped: an int or (B,)
-        ints; default self.removed), the states injected at '||' entering every layer."""
+        ints; default self.removed), the states injected at '||' entering every layer; cache: see GPT.forward."""
         removed = self.removed if removed is None else removed
         positions = kept_positions(seq.size(1), self.layout, removed, seq.device) if self.keep_positions else None
         if states is None:
-            return self.lm(seq, positions=positions)
+            return self.lm(seq, positions=positions, cache=cache)
         sep1, inject = self.layout.sep1, self.inject
         return self.lm(seq, lambda layer, x: replace_position(x, sep1, inject[layer](states[:, layer].to(x.dtype))),
-                       positions)
+                       positions, cache)
 
     def forward(self, tokens, reduction="mean", removed_rows=None, fewest_removed=None):
         """Training loss of a batch of teacher-layout lines: squared error summed over the state dimension, averaged
@@ -854,14 +867,16 @@ class IcotModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens):
-        """Batched greedy decoding from `input ||` to the end of this model's layout. No KV cache: sequences are at
-        most ~100 tokens and the whole batch decodes in parallel."""
-        tokens = tokens.long()
-        states, seq = self.student_states(tokens), tokens[:, :self.layout.sep1 + 1]
-        for _ in range(self.seq_len - self.layout.sep1 - 1):
-            next_token = self.lm.logits(self.hidden(seq, states)[:, -1]).argmax(-1)
-            seq = torch.cat([seq, next_token[:, None]], dim=1)
-        return seq[:, self.layout.sep1 + 1:]
+        """Batched greedy decoding from `input ||` to the end of this model's layout, with a KV cache: the prefix
+        (and the states injected at '||') in one pass, then one token per pass."""
+        tokens, sep1, cache = tokens.long(), self.layout.sep1, []
+        hidden = self.hidden(tokens[:, :sep1 + 1], self.student_states(tokens), cache=cache)
+        positions = kept_positions(self.seq_len, self.layout, self.removed if self.keep_positions else 0, tokens.device)
+        generated = [self.lm.logits(hidden[:, -1]).argmax(-1)]
+        for index in range(sep1 + 1, self.seq_len - 1):
+            hidden = self.lm(generated[-1][:, None], positions=positions[:, index:index + 1], cache=cache)
+            generated.append(self.lm.logits(hidden[:, -1]).argmax(-1))
+        return torch.stack(generated, dim=1)
 
 
 def answer_scores(generated, tokens, layout):
@@ -1265,6 +1280,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     # Timing as the speedrun: no synchronisation inside a window of steps; the clock stops (after a sync) at each
     # evaluation, so train_time excludes evaluation and the per-step lines are close (asynchronous) estimates.
     window_start = None
+    no_cot_rows = None  # stepwise, once no CoT is left: every line's removal count, made once on the device
 
     def close_window(step):
         nonlocal train_time, window_start
@@ -1333,7 +1349,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             if step == end:
                 break
             if step in removals:  # a stepwise increment: fewer CoT tokens, fresh optimizer (as the paper)
-                close_window(step)  # keep the recompile of a new shape out of a window's throughput
+                close_window(step)  # a window's tokens/s and MFU count the lines of one CoT length
                 if removals[step] != model.removed:  # (resumed: the same count goes on)
                     increment_start = step
                 model.removed = removals[step]
@@ -1352,6 +1368,10 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
                 offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
                 removed_rows = to_device_async((model.removed + offsets).clamp(max=train_set.layout.cot_len))
+            elif stepwise:  # no CoT left: every line's count the same, through the graph compiled for the increments
+                if no_cot_rows is None:
+                    no_cot_rows = torch.full((local_batch,), model.removed, device=DEVICE)
+                removed_rows = no_cot_rows
             with autocast():
                 # every line's count is at or above the model's own
                 loss = step_model(batch, removed_rows=removed_rows, fewest_removed=model.removed)

@@ -334,8 +334,9 @@ def test_stepwise_keep_positions_in_training_decoding_and_checkpoints(tmp_path, 
     rows = torch.tensor([3, 4] * 8)
     model(batch, removed_rows=rows)
     assert torch.equal(seen[-1], icot.kept_positions(layout.seq_len - 4, layout, rows, seen[-1].device))
-    generated = model.generate(batch)
-    assert torch.equal(seen[-1], icot.kept_positions(layout.seq_len - 4, layout, 3, seen[-1].device))
+    seen.clear()
+    generated = model.generate(batch)  # the prefix in one pass, then one token per pass (KV cache)
+    assert torch.equal(torch.cat(seen, dim=1), icot.kept_positions(layout.seq_len - 4, layout, 3, seen[-1].device))
     # decoding and the teacher-forced pass agree on the positions: argmax of the full pass = the greedy tokens
     full = torch.cat([batch[:, :layout.sep1 + 1].long(), generated], dim=1)
     assert torch.equal(model.lm.logits(model.hidden(full[:, :-1], None, 3)[:, layout.sep1:]).argmax(-1), generated)
@@ -345,6 +346,28 @@ def test_stepwise_keep_positions_in_training_decoding_and_checkpoints(tmp_path, 
     icot.save_checkpoint(str(tmp_path / "ckpt" / "stepwise.pt"), model)
     with pytest.raises(icot.UserError, match="stepwise_keep_positions=True"):
         icot.build_stage_model("stepwise", icot.dataclasses.replace(hp_plain, resume=True), layout)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "nocot", "mindread", "couple", "stepwise"])
+def test_decoding_with_the_kv_cache_is_greedy_decoding_of_one_full_pass(kind):
+    """generate decodes with a KV cache. Teacher-forced on its own output, one full pass without a cache must predict
+    every generated token: the states injected at '||', the rotary positions (with the gap of the removed CoT for
+    stepwise) and the attention of the one-token passes are those of training."""
+    hp = tiny_hp(n_layer=3, stepwise_keep_positions=True)
+    layout = layout_of(LINE_4X4)
+    torch.manual_seed(0)
+    teacher = icot.IcotModel("teacher", hp, layout)
+    model = icot.IcotModel(kind, hp, layout, teacher)
+    for parameter in [*teacher.parameters(), *model.parameters()]:  # nothing zero: every part changes the output
+        torch.nn.init.normal_(parameter, std=0.3)
+    model.removed = 7 if kind == "stepwise" else model.removed
+    tokens = torch.tensor([icot.encode(icot.format_line([(1234 + 7 * i, 9876 - 5 * i)], 4, 4)) for i in range(16)])
+    generated = model.generate(tokens)
+    assert generated.shape == (16, model.seq_len - layout.sep1 - 1)
+    assert len(set(generated.flatten().tolist())) > 3  # not one token repeated
+    full = torch.cat([tokens[:, :layout.sep1 + 1], generated], dim=1)
+    logits = model.lm.logits(model.hidden(full[:, :-1], model.student_states(tokens))[:, layout.sep1:])
+    assert torch.equal(logits.argmax(-1), generated)
 
 
 def stepwise_setup(tmp_path, **overrides):
@@ -389,6 +412,21 @@ def test_a_training_step_takes_the_padded_width_from_the_host(tmp_path, monkeypa
     batch, rows = train_set.tokens[:4], torch.tensor([4, 5, 4, 6])
     padded = model(batch, reduction="sum", removed_rows=rows, fewest_removed=2).item()
     assert padded == pytest.approx(model(batch, reduction="sum", removed_rows=rows).item())
+
+
+def test_a_stepwise_stage_compiles_two_graphs_from_its_first_increment_to_its_no_cot_phase(tmp_path, monkeypatch):
+    """On the GPU every compile of the training step costs seconds of the stage's budget: the first graph, one more
+    once the padded width is taken as dynamic, and none after, also not when no CoT is left (the eager backend
+    counts the graphs here without generating code)."""
+    hp, model, train_set = stepwise_setup(tmp_path, compile="true", stepwise_remove=2, stepwise_remove_per_epoch=64,
+                                          eval_every=100, stepwise_max_steps=40, stepwise_decay_steps=5)
+    real_compile = torch.compile
+    monkeypatch.setattr(icot.torch, "compile", lambda module: real_compile(module, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _, end, _ = icot.train_stage(hp, "stepwise", model, train_set, train_set)
+    assert model.removed == train_set.layout.cot_len and end == 40
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_removal_smoothing_never_removes_more_than_the_cot(tmp_path, monkeypatch):
