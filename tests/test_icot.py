@@ -644,7 +644,9 @@ def test_per_step_tensors_are_released_as_each_window_closes(tmp_path, monkeypat
 
     def counting_evaluate(*args, **kwargs):
         gc.collect()
-        live_scalars.append(sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.dim() == 0))
+        # type(), not isinstance(): isinstance reads __class__, which torch.distributed's deprecated reduce_op warns on
+        scalars = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor) and obj.dim() == 0]
+        live_scalars.append(len(scalars))
         return real_evaluate(*args, **kwargs)
 
     plotted = []
