@@ -847,10 +847,11 @@ class IcotModel(nn.Module):
     def forward(self, tokens, reduction="mean", removed_rows=None, fewest_removed=None):
         """Training loss of a batch of teacher-layout lines: squared error summed over the state dimension, averaged
         over lines and layers, as the paper (emulator), else cross-entropy of every token after '||' (whatever CoT
-        is left, '####', the answer, <eos>). removed_rows: (B,) CoT tokens removed per line (stepwise smoothing), else
-        self.removed on every line; fewest_removed: their lower bound, if known on the host (drop_cot_rows). An
-        argument, not self.removed: the compiler takes a module's int attribute as a constant and would compile
-        again at every increment, an argument only until it takes it as dynamic (one or two increments)."""
+        is left, '####', the answer, <eos>). removed_rows: (B,) CoT tokens removed per line (the stepwise stage, with
+        its smoothing), else self.removed on every line; fewest_removed: their lower bound, if known on the host
+        (drop_cot_rows). An argument, not self.removed: the compiler takes a module's int attribute as a constant and
+        would compile again at every increment, an argument once more, at the next increment, where it becomes
+        dynamic."""
         tokens = tokens.long()
         if self.kind == "emulator":
             error = self.emulator_error(tokens).square().sum(-1)
