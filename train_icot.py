@@ -711,6 +711,8 @@ class GPT(nn.Module):
         """Final normed hidden states; layer_fn(layer, x) -> x sees (and may rewrite) the state entering each block;
         positions: rotary positions of the tokens (default 0..T-1); cache: a list (empty on the first call) that
         keeps every layer's keys and values for decoding, after which idx is one new token and positions its own."""
+        if cache and positions is None:
+            raise ValueError("a cached forward after the first needs the new token's positions")
         x00, x01 = norm(self.embed0(idx)), norm(self.embed1(idx))
         cos, sin = self.rotary(idx.size(1), positions)
         if cache is not None and not cache:
