@@ -659,14 +659,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, dim // self.n_head).unbind(2)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK norm, then rotary
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        first = not cache
+        first = not cache  # nothing cached: causal attention within x
+        if not first:  # one new token, which sees every cached one: no mask
+            if seq_len != 1:
+                raise ValueError("after the first call, a cached forward takes one token at a time")
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         if cache is not None:
-            if not first:
-                if seq_len != 1:
-                    raise ValueError("after the first call, a cached forward takes one token at a time")
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=first)  # one new token: no mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=first)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
@@ -1283,7 +1283,6 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     # Timing as the speedrun: no synchronisation inside a window of steps; the clock stops (after a sync) at each
     # evaluation, so train_time excludes evaluation and the per-step lines are close (asynchronous) estimates.
     window_start = None
-    no_cot_rows = None  # stepwise, once no CoT is left: every line's removal count, made once on the device
 
     def close_window(step):
         nonlocal train_time, window_start
@@ -1371,10 +1370,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
                 offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
                 removed_rows = to_device_async((model.removed + offsets).clamp(max=train_set.layout.cot_len))
-            elif stepwise:  # no CoT left: every line's count the same, through the graph compiled for the increments
-                if no_cot_rows is None:
-                    no_cot_rows = torch.full((local_batch,), model.removed, device=DEVICE)
-                removed_rows = no_cot_rows
+            elif stepwise:  # no CoT left: the same count on every line, through the graph compiled for the increments
+                removed_rows = torch.full((local_batch,), model.removed, device=DEVICE)
             with autocast():
                 # every line's count is at or above the model's own
                 loss = step_model(batch, removed_rows=removed_rows, fewest_removed=model.removed)
