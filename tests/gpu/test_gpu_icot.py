@@ -102,9 +102,8 @@ def test_compiled_couple_graph_matches_eager_in_fp32_and_within_bf16_noise(monke
 def test_decoding_with_the_kv_cache_agrees_with_one_full_pass(bf16, monkeypatch, device="cuda"):
     """Greedy decoding with the KV cache (under bf16 autocast, as evaluate runs it on a GPU, and in fp32 with TF32
     off) against one full teacher-forced pass over the decoded tokens, at the default width: every position where
-    the full pass's
-    best logit leads the second by more than the precision's noise (bf16: about 3 of its steps at these logits)
-    predicts the decoded token; closer calls may go either way."""
+    the full pass's best logit leads the second by more than the precision's noise (bf16: about 3 of its steps at
+    these logits) predicts the decoded token; closer calls may go either way."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model, tokens = trained_model("teacher", device)
     model.eval()
