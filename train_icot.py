@@ -1367,11 +1367,10 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             batch = data[order[cursor:cursor + local_batch]]
             cursor += local_batch
             removed_rows = None
-            if stepwise and model.removed < train_set.layout.cot_len:  # removal smoothing: some lines a little ahead
+            if stepwise:  # removal smoothing: some lines a little ahead, none past the CoT's end (in the no-CoT phase
+                # all at it, through the graph compiled for the increments)
                 offsets = removal_offsets(local_batch, hp.stepwise_lambda, generator)
                 removed_rows = to_device_async((model.removed + offsets).clamp(max=train_set.layout.cot_len))
-            elif stepwise:  # no CoT left: the same count on every line, through the graph compiled for the increments
-                removed_rows = torch.full((local_batch,), model.removed, device=DEVICE)
             with autocast():
                 # every line's count is at or above the model's own
                 loss = step_model(batch, removed_rows=removed_rows, fewest_removed=model.removed)
