@@ -136,7 +136,8 @@ class Hyperparameters:
     ckpt: str = ""                    # eval/predict: checkpoint to use
     data: str = ""                    # eval: dataset file (default: the test file)
     teacher: str = ""                 # default <ckpt_dir>/teacher.pt when training, else the path stored in a ckpt
-    show_cot: bool = False            # predict: also show the teacher's CoT
+    show_cot: bool = False            # predict: also show the CoT of the teacher (--teacher, else the model's own or
+    # the teacher.pt beside --ckpt)
     # execution and output
     seed: int = 0
     compile: str = "auto"             # torch.compile: auto (on CUDA only), true, false
@@ -924,6 +925,7 @@ def save_checkpoint(path, model, teacher_path=None, state=None, data=None, run_i
     # written beside, then renamed: a run stopped while saving (Ctrl-C, `timeout`'s SIGTERM) keeps the older file
     torch.save({"kind": model.kind, "config": model.config,
                 "layout": dataclasses.asdict(model.layout), "teacher": teacher_path, "removed": model.removed,
+                "teacher_run": getattr(model, "teacher_run", None),  # the teacher's own run: a retrained one differs
                 "data": data, "trained": run_id, "progress": progress,
                 "model": {k: v.cpu() for k, v in state.items()}}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -971,12 +973,21 @@ def load_checkpoint(path, hp, teacher_path=None, kinds=None):
     for name in [k for k, v in saved["model"].items() if k.endswith("emulator.mixture") and v.dim() == 1]:
         saved["model"][name] = saved["model"][name][None]  # before --emulator_mixtures: one vector, not (1, dim)
     teacher_path = teacher_path or saved["teacher"]
-    teacher = load_teacher(teacher_path, hp) if saved["kind"] in ("mindread", "emulator") else None
+    teacher = None
+    if saved["kind"] in ("mindread", "emulator"):  # it reads the states of the teacher it was trained against
+        if not os.path.isfile(teacher_path):
+            die(f"{path} reads the states of its teacher {teacher_path}, which is not there: give that teacher "
+                f"with --teacher PATH")
+        teacher = load_teacher(teacher_path, hp)
+        if saved.get("teacher_run") and teacher.trained != saved["teacher_run"]:  # None: an older train_icot.py
+            die(f"{path} was trained against the teacher of run {saved['teacher_run']}, but {teacher_path} is now "
+                f"that of run {teacher.trained}: give the teacher it was trained against (--teacher PATH), or "
+                f"train {saved['kind']} again")
     model = IcotModel(saved["kind"], config, Layout(**saved["layout"]), teacher)
     load_weights(model, saved["model"], path)
     model.removed = saved["removed"]  # stepwise ends with no CoT left
     model.progress = saved.get("progress") or {}  # None: not a stepwise stage, or an older train_icot.py
-    model.teacher_path = teacher_path
+    model.teacher_path, model.teacher_run = teacher_path, saved.get("teacher_run")
     model.data, model.trained = saved.get("data"), saved.get("trained")  # None: an older train_icot.py
     return model.to(DEVICE)
 
@@ -1106,10 +1117,12 @@ class Logger:
             for line in [*environment_lines(), SEPARATOR, repr(hp)]:
                 self.log(line)
 
-    def log(self, line):
+    def log(self, line, echo=True):
         if MASTER:
             self.file.write(line + "\n")  # the file first: a run stopped right after a printed line has it too
             self.file.flush()
+            if not echo:
+                return
             try:
                 print(line, flush=True)
             except BrokenPipeError:  # the console's reader is gone (`| tee` stopped by the same Ctrl-C, `| head`):
@@ -1241,6 +1254,9 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
     check_layout(model, val_set)
     if hp.batch_size % WORLD_SIZE:
         die(f"--batch_size={hp.batch_size} is not divisible by the {WORLD_SIZE} processes")
+    if hp.batch_size > len(train_set.tokens):  # a batch would be the whole set, its lines/s counted as batch_size
+        die(f"--batch_size={hp.batch_size} is more than the {len(train_set.tokens)} lines of {train_set.path}: give a "
+            f"smaller --batch_size or more training lines")
     logger = Logger(hp, f"icot_{kind}_{hp.task}_k{hp.per_line}")
     logger.log(f"stage {kind}: {count_parameters(model):,} trained parameters, {len(train_set.tokens):,} training "
                f"lines of {train_set.layout.seq_len} tokens, {WORLD_SIZE} process(es), rank devices: "
@@ -1301,7 +1317,9 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         window_norms.clear()
         loss = train_losses[-1]
         if not math.isfinite(loss):
-            die(f"{kind}: the training loss is {loss} at step {step}: lower --lr (now {hp.lr}) or --embed_lr_mult")
+            message = f"{kind}: the training loss is {loss} at step {step}: lower --lr (now {hp.lr}) or --embed_lr_mult"
+            logger.log(f"stopped: {message}", echo=False)  # the log ends with why; the console gets the error
+            die(message)
         logger.log(f"step:{step}/{end} train_loss:{loss:.4f} lines_per_s:{lines_per_s:.0f} "
                    f"tokens_per_s:{lines_per_s * model.seq_len:.0f} mfu:{mfu} grad_norm:{norms.mean().item():.4f} "
                    f"clipped:{(norms > hp.grad_clip).float().mean().item():.3f}")
@@ -1397,7 +1415,7 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
             logger.log(f"step:{step} interrupted: saved {checkpoint} ({model.removed} CoT tokens removed"
                        + (", the best weights of its no-CoT phase" if best_state is not None else "")
                        + "): stepwise --resume goes on from it")
-            raise KeyboardInterrupt(checkpoint)  # for the one line the script ends with
+            raise KeyboardInterrupt(f"saved {checkpoint}: stepwise --resume goes on from it")  # the script's last line
         raise
 
     if WORLD_SIZE > 1:  # data parallelism keeps every rank's weights identical; check it
@@ -1414,7 +1432,8 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
         logger.log(metric_line(f"best checkpoint: step {best_step} of {end}, val_", best_values))
     else:
         best_metrics = evals[-1]
-        logger.log(f"no evaluation with all {final_removed} CoT tokens removed: the checkpoint is the last weights")
+        logger.log(f"no evaluation with all {final_removed} CoT tokens removed: the checkpoint is the last weights"
+                   + unfinished(model))
     logger.log(f"stage {kind} done: {end} steps, wall time {wall:.1f}s, train time {train_time:.1f}s")
     if MASTER:
         checkpoint = os.path.join(hp.ckpt_dir, f"{kind}.pt")
@@ -1425,8 +1444,11 @@ def train_stage(hp, kind, model, train_set, val_set, steps=None):
                         logger.run_id, progress)
         logger.log(f"checkpoint: {checkpoint}")
         plot_path = os.path.join(hp.log_dir, f"{logger.run_id}.png")
-        plot_run(plot_path, f"{kind} {hp.task} k{hp.per_line}", train_losses, evals,
-                 accuracy_key, sorted(removals) if stepwise else [])
+        try:
+            plot_run(plot_path, f"{kind} {hp.task} k{hp.per_line}", train_losses, evals,
+                     accuracy_key, sorted(removals) if stepwise else [])
+        except KeyboardInterrupt:  # the stage had ended: its checkpoint is complete
+            raise KeyboardInterrupt(f"the stage had ended and saved {checkpoint} (its plot was not drawn)") from None
         logger.log(f"plot: {plot_path}")
     logger.close()
     barrier()  # the checkpoint is complete before any rank loads it
@@ -1447,12 +1469,20 @@ def build_stage_model(kind, hp, layout, data=None):
         emulator = load_checkpoint(emulator_path, hp, kinds=("emulator",))
         loaded = [loaded_line(k, p, m, data) for k, p, m in (("mindread", mindread_path, mindread),
                                                               ("emulator", emulator_path, emulator))]
+        differ = [f"{f}={mindread.config[f]} vs {emulator.config[f]}" for f in ("n_layer", "model_dim", "n_head",
+                  "mlp_mult", "state_mlp_mult", "states") if mindread.config[f] != emulator.config[f]]
+        if differ:  # couple's sizes are the emulator's, whatever the flags say
+            die(f"{mindread_path} and {emulator_path} were trained with other sizes ({', '.join(differ)}): train "
+                f"both with the same ones")
+        if mindread.teacher_run != emulator.teacher_run:
+            die(f"{mindread_path} and {emulator_path} were trained against different teachers (runs "
+                f"{mindread.teacher_run} and {emulator.teacher_run}): train both against the same one")
         architecture = dataclasses.replace(hp, **emulator.config)  # e.g. its mixture components, not the flags'
         model = IcotModel("couple", architecture, mindread.layout).to(DEVICE)
         load_weights(model.lm, mindread.lm.state_dict(), mindread_path)
         load_weights(model.inject, mindread.inject.state_dict(), mindread_path)
         load_weights(model.emulator, emulator.emulator.state_dict(), emulator_path)
-        model.teacher_path, model.loaded = emulator.teacher_path, loaded
+        model.teacher_path, model.teacher_run, model.loaded = emulator.teacher_path, emulator.teacher_run, loaded
         return model
     if kind == "stepwise" and hp.resume:  # its weights and removed CoT tokens; the schedule goes on from there
         path = os.path.join(hp.ckpt_dir, "stepwise.pt")
@@ -1461,6 +1491,7 @@ def build_stage_model(kind, hp, layout, data=None):
         if model.keep_positions != hp.stepwise_keep_positions:
             die(f"{path} was trained with stepwise_keep_positions={model.keep_positions}: resume it with the same "
                 f"value (--{'' if model.keep_positions else 'no-'}stepwise_keep_positions)")
+        check_sizes(path, model.config, hp)  # the log's hyperparameters must be the model's
         return model
     teacher = load_teacher(teacher_path, hp) if kind in ("mindread", "emulator", "stepwise") else None
     if teacher is not None:  # the new model is built from the flags and starts from the teacher's weights
@@ -1468,16 +1499,31 @@ def build_stage_model(kind, hp, layout, data=None):
             die(f"{teacher_path} was trained on {teacher.layout.n}x{teacher.layout.m} with {teacher.layout.per_line} "
                 f"per line, but the data is {layout.n}x{layout.m} with {layout.per_line}: give this task's teacher "
                 f"(--teacher or --ckpt_dir)")
-        differ = [f"--{f}={getattr(hp, f)} (the teacher's: {teacher.config[f]})" for f in ("n_layer", "model_dim",
-                  "n_head", "mlp_mult") if teacher.config[f] != getattr(hp, f)]
-        if differ:
-            die(f"{teacher_path} has another architecture: {', '.join(differ)}: give the teacher's sizes")
+        check_sizes(teacher_path, teacher.config, hp)
     model = IcotModel(kind, hp, layout, teacher if kind != "stepwise" else None).to(DEVICE)
     if teacher is not None:
         load_weights(model.emulator.gpt if kind == "emulator" else model.lm, teacher.lm.state_dict(), teacher_path)
     model.teacher_path = teacher_path if teacher is not None else None
+    model.teacher_run = teacher.trained if teacher is not None else None
     model.loaded = [] if teacher is None else [loaded_line("teacher", teacher_path, teacher, data, bool(hp.teacher))]
     return model
+
+
+def unfinished(model):
+    """A note for a stepwise model that still reads CoT (its stage was stopped before its schedule's end), else ''."""
+    if model.kind != "stepwise" or model.removed == model.layout.cot_len:
+        return ""
+    return (f" (unfinished: {model.removed} of {model.layout.cot_len} CoT tokens removed; it generates the rest before "
+            f"its answer, and `stepwise --resume` goes on with the removal)")
+
+
+def check_sizes(path, config, hp):
+    """The flags' transformer sizes are those of the checkpoint a stage goes on from (config: its architecture)."""
+    differ = [f"--{f}={getattr(hp, f)} (the checkpoint's: {config[f]})" for f in ("n_layer", "model_dim", "n_head",
+              "mlp_mult") if config[f] != getattr(hp, f)]
+    if differ:
+        die(f"{path} has another architecture: {', '.join(differ)}: give its sizes (the flags or --preset it was "
+            f"trained with)")
 
 
 def run_stage(kind, hp, train_set=None, val_set=None, steps=None):
@@ -1537,6 +1583,13 @@ def generate_data(hp):
         return
     if (hp.train_file, hp.val_file) != (os.path.join(hp.data_dir, "train.txt"), os.path.join(hp.data_dir, "valid.txt")):
         die(f"missing data file among {files}; only the default files in --data_dir are generated")
+    present = [f for f in files if os.path.isfile(f)]
+    if present:  # generating writes every split: it would overwrite a user's own files
+        missing = [f for f in files if f not in present]
+        die(f"{hp.data_dir} has {', '.join(present)} but not {', '.join(missing)}: the default files are generated "
+            f"only into a folder that has none of them. Add the missing file (data/multiplication.py --digits "
+            f"{hp.task} --per-line {hp.per_line} --count N --out FILE --exclude {' '.join(present)}), give it with "
+            f"--test_file/--val_file, or delete {hp.data_dir} to have all of them generated")
     check_writable(hp.data_dir, "data_dir")
     script = os.path.join("data", "multiplication.py")
     if not os.path.isfile(script):
@@ -1546,7 +1599,12 @@ def generate_data(hp):
                "--out-dir", hp.data_dir, "--seed", str(hp.data_seed)] + (["--exclude", *exclude] if exclude else [])
     print("generating data:", " ".join(command), flush=True)
     if subprocess.run(command).returncode != 0:
-        die("data generation failed (see the message above)")
+        n, m = parse_task(hp.task)
+        space = 9 * 10 ** (n - 1) * 9 * 10 ** (m - 1)  # operands without a leading zero
+        die("data generation failed (see the message above)" + (
+            f": {hp.task} has only {space} distinct problems, and the splits share none (the training lines draw "
+            f"{hp.train_lines * hp.per_line}): give fewer --train_lines, --val_lines and --test_lines, or a larger "
+            f"--task" if space < hp.per_line * (hp.train_lines + hp.val_lines + hp.test_lines) else ""))
     with open(os.path.join(hp.data_dir, SETTINGS_FILE), "w") as f:  # last: a folder cut short has none
         json.dump(settings, f, indent=1)
 
@@ -1597,13 +1655,24 @@ STAGE_NAMES = {"teacher": "teacher (explicit CoT)", "nocot": "no CoT baseline", 
                "emulator": "thought emulator", "couple": "implicit student (couple)",
                "stepwise": "stepwise internalisation"}
 CHAINS = {"stepwise": ("teacher", "stepwise"), "distillation": ("teacher", "mindread", "emulator", "couple")}
+STAGE_NEEDS = {"stepwise": ("teacher",), "mindread": ("teacher",), "emulator": ("teacher",),
+               "couple": ("mindread", "emulator")}  # the checkpoints a stage starts from
 
 
 def run_all(hp, argv):
     """The stages of --stages in the order teacher, stepwise, mindread, emulator, couple, nocot; the no-CoT
     baseline gets (unless --nocot_steps) as many steps as the longest complete implicit chain. The table is written
     under --log_dir."""
+    for kind in hp.stages:  # before any training: what a stage builds on is trained here or is there
+        for need in STAGE_NEEDS.get(kind, ()):
+            path = hp.teacher if need == "teacher" and hp.teacher else os.path.join(hp.ckpt_dir, f"{need}.pt")
+            if need not in hp.stages and not os.path.isfile(path):
+                die(f"--stages has {kind} but not {need}, and {path} is not there: add {need} to --stages")
     train_set, val_set = load_training_data(hp)
+    schedule = stepwise_schedule(hp, train_set.layout, len(train_set.tokens))
+    if "stepwise" in hp.stages and max(schedule) >= hp.stepwise_max_steps:  # `all` has no --resume to go on
+        die(f"the stepwise schedule removes its last CoT tokens at step {max(schedule)}, but --stepwise_max_steps="
+            f"{hp.stepwise_max_steps} ends the stage before: raise --stepwise_max_steps or --stepwise_remove_per_epoch")
     sets = {name: load_dataset(path) for name, path in report_sets(hp)}
     sets["train"] = load_dataset(hp.train_file, hp.train_eval_lines)
     rows, steps_of = [], {}
@@ -1621,7 +1690,7 @@ def run_all(hp, argv):
             if MASTER:
                 print(f"evaluating {kind} on {name}: {dataset.tokens.size(0)} lines of {dataset.path}", flush=True)
             results[name] = evaluate(model, dataset, hp.eval_batch)
-        rows.append((STAGE_NAMES[kind], steps_of[kind], results, wall))
+        rows.append((STAGE_NAMES[kind] + unfinished(model), steps_of[kind], results, wall))
     command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])  # relative to the root
     table = results_table(hp, rows, list(sets), command)
     if MASTER:
@@ -1637,7 +1706,7 @@ def run_eval_command(hp):
     dataset = load_dataset(hp.data or hp.test_file)
     metrics = evaluate(model, dataset, hp.eval_batch)
     if MASTER:
-        print(metric_line(f"{model.kind} on {dataset.path}: ", metrics), flush=True)
+        print(metric_line(f"{model.kind}{unfinished(model)} on {dataset.path}: ", metrics), flush=True)
     return metrics
 
 
@@ -1671,25 +1740,33 @@ def run_predict(hp, problems_text):
     if model.kind == "emulator":
         die("predict needs a model that answers: teacher, nocot, mindread, couple or stepwise (not the emulator)")
     teacher = None
-    if hp.show_cot:
-        teacher_path = hp.teacher or model.teacher_path or os.path.join(hp.ckpt_dir, "teacher.pt")
+    if hp.show_cot:  # the teacher: --teacher, the model's own, or the one beside the checkpoint
+        teacher_path = hp.teacher or model.teacher_path or os.path.join(os.path.dirname(hp.ckpt), "teacher.pt")
         teacher = model if model.kind == "teacher" else load_teacher(teacher_path, hp)
+        if dataclasses.asdict(teacher.layout) != dataclasses.asdict(model.layout):
+            die(f"{teacher_path} is a teacher of {teacher.layout.n}x{teacher.layout.m} with {teacher.layout.per_line} "
+                f"per line, the model's task is {model.layout.n}x{model.layout.m} with {model.layout.per_line}: give "
+                f"this task's teacher with --teacher PATH")
     layout = model.layout
-    interactive = not problems_text
-    if interactive:
+    interactive = not problems_text  # problems from stdin: a typo is reported and the next line read
+    typed = interactive and sys.stdin.isatty()  # piped: every line is read, blank ones skipped
+    if typed:
         print(f"{model.kind} model, {layout.n}x{layout.m}, {layout.per_line} per line: type e.g. "
               f"{' $ '.join(['3719*3349'] * layout.per_line)} (empty line or Ctrl-D to quit)", flush=True)
-    outputs = []
+    outputs, bad_lines = [], 0
     for text in (problems_text or iter(lambda: sys.stdin.readline(), "")):
         text = text.strip()
         if not text and interactive:
-            break
+            if typed:
+                break
+            continue
         try:
             problems = parse_problems(text, layout)
         except ValueError as error:
             if not interactive:
                 die(str(error))
             print(f"error: {error}", flush=True)
+            bad_lines += 1
             continue
         tokens = torch.tensor([encode(format_line(problems, layout.n, layout.m))], device=DEVICE)
         with autocast():
@@ -1703,14 +1780,32 @@ def run_predict(hp, problems_text):
             output += f"\nteacher CoT: {decode(cot_tokens).split(' ####')[0]}"
         print(output, flush=True)
         outputs.append(output)
+    if bad_lines and not typed:  # a script reading the answers learns that some are missing
+        die(f"{bad_lines} input line(s) were not problems (the errors above); the others are answered")
     return outputs
 
 
 # ---- Main ----
 
 
+def check_defaults_outside_records(hp):
+    """Default output folders follow the working directory: run from inside records/ (a copy from its own folder)
+    they would put untracked data, checkpoints and logs there. records/ gets only what a user points there."""
+    root = os.path.dirname(os.path.realpath(__file__))  # the checkout: the nearest folder above that holds records/
+    while not os.path.isdir(os.path.join(root, "records")) and os.path.dirname(root) != root:
+        root = os.path.dirname(root)
+    records = os.path.join(root, "records")
+    defaults = [name for name in ("data_dir", "ckpt_dir", "log_dir") if getattr(hp, name) == getattr(Hyperparameters(),
+                name) and os.path.commonpath([os.path.realpath(os.getcwd()), records]) == records]
+    if defaults and os.path.isdir(records):
+        die(f"run from the repository root ({root}), not from inside its records/: the default "
+            f"{', '.join(f'--{name}' for name in defaults)} would write there (or give each of them)")
+
+
 def main(argv):
     command, hp, positional = parse_args(argv)
+    if command not in ("eval", "predict"):
+        check_defaults_outside_records(hp)
     resolve_paths(hp)
     if command not in ("eval", "predict"):  # an unwritable output is reported before any training
         check_writable(hp.log_dir, "log_dir")
@@ -1751,8 +1846,7 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt as stop:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
-            print("train_icot.py: interrupted: the stage's log so far is kept; " + (
-                f"saved {stop.args[0]}: stepwise --resume goes on from it" if stop.args else
-                "no checkpoint saved (a stage saves at its end, a stepwise stage also when stopped after a step)"),
-                file=sys.stderr)
+            print("train_icot.py: interrupted: the stage's log so far is kept; " + (stop.args[0] if stop.args else
+                  "no checkpoint saved (a stage saves at its end, a stepwise stage also when stopped after a step)"),
+                  file=sys.stderr)
         sys.exit(130)

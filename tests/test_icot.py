@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -456,14 +457,20 @@ def test_stepwise_resets_the_optimizer_at_each_increment(tmp_path, monkeypatch):
     assert model.removed == 8
 
 
-def test_stage_minutes_then_resume_continues_the_removal(tmp_path):
-    """A stepwise stage cut by --stage_minutes saves its weights with the CoT tokens removed so far; --resume goes on
-    from that increment (what a GPU run split into 10-minute commands needs)."""
+def test_stage_minutes_then_resume_continues_the_removal(tmp_path, capsys):
+    """A stepwise stage cut by --stage_minutes saves its weights with the CoT tokens removed so far, and its log and
+    `eval` say that the model still reads CoT; --resume goes on from that increment (what a GPU run split into
+    10-minute commands needs)."""
     hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=4, eval_every=50,
                                           stage_minutes=1e-9, stepwise_max_steps=40)
     icot.train_stage(hp, "stepwise", model, train_set, train_set)  # stops after the first step
     saved = torch.load(tmp_path / "ckpt" / "stepwise.pt")
     assert saved["removed"] == 1
+    unfinished = "(unfinished: 1 of 8 CoT tokens removed; it generates the rest before its answer"
+    assert unfinished in next((tmp_path / "logs").glob("*.txt")).read_text()
+    capsys.readouterr()
+    icot.run_eval_command(dataclasses.replace(hp, ckpt=str(tmp_path / "ckpt" / "stepwise.pt"), data=train_set.path))
+    assert capsys.readouterr().out.startswith(f"stepwise {unfinished}")
     saved["removed"], saved["progress"]["increment_steps"] = 5, 0  # as if cut later, as 5 tokens were removed
     torch.save(saved, tmp_path / "ckpt" / "stepwise.pt")
     resumed = icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, resume=True), train_set.layout)
@@ -503,7 +510,8 @@ def test_resume_goes_on_from_the_step_reached_in_the_increment(tmp_path):
 def test_an_interrupted_stepwise_stage_saves_its_progress_and_resume_goes_on_from_it(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM (`timeout`) in a stepwise stage (hours on a CPU) saves stepwise.pt with the step reached:
     --resume goes on from there, with batches drawn anew (its first seed would replay the first part's). A run
-    stopped before it trained a step, and the other stages (not resumable), leave the checkpoints as they are."""
+    stopped before it trained a step, and the other stages (not resumable), leave the checkpoints as they are; a
+    stage stopped after it saved its checkpoint (while plotting) says that it did."""
     hp, model, train_set = stepwise_setup(tmp_path, stepwise_remove=1, stepwise_remove_per_epoch=1, eval_every=100,
                                           stepwise_max_steps=40)  # an increment every 4 steps
     real_lr_factor, real_offsets, seeds = icot.lr_factor, icot.removal_offsets, set()
@@ -519,7 +527,7 @@ def test_an_interrupted_stepwise_stage_saves_its_progress_and_resume_goes_on_fro
     with pytest.raises(KeyboardInterrupt) as stop:
         icot.train_stage(hp, "stepwise", model, train_set, train_set)
     checkpoint = tmp_path / "ckpt" / "stepwise.pt"
-    assert stop.value.args == (str(checkpoint),)  # the script's last line names it
+    assert stop.value.args == (f"saved {checkpoint}: stepwise --resume goes on from it",)  # the last line
     saved = torch.load(checkpoint)
     assert saved["removed"] == 2 and saved["progress"] == {"increment_steps": 2, "stale_evals": 0, "finished": False,
                                                           "trained_steps": 6}
@@ -540,6 +548,29 @@ def test_an_interrupted_stepwise_stage_saves_its_progress_and_resume_goes_on_fro
     assert "resumed with 2 of 8 CoT tokens removed, 2 steps into that increment" in log
     assert re.findall(r"^step:(\d+)/\d+ increment: removed_cot:(\d+) of 8", log, re.M) == [("0", "2"), ("2", "3")]
     assert seeds == {hp.seed + 1_000_003 * 6} and torch.load(checkpoint)["progress"]["trained_steps"] == 6 + 4
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icot, "plot_run", ctrl_c)  # after the stage saved its checkpoint: the last line says so
+    with pytest.raises(KeyboardInterrupt) as stop:
+        icot.train_stage(dataclasses.replace(hp, log_dir=str(tmp_path / "plot_logs")), "teacher",
+                         icot.IcotModel("teacher", hp, train_set.layout), train_set, train_set, 2)
+    assert stop.value.args == (f"the stage had ended and saved {tmp_path / 'ckpt' / 'teacher.pt'} (its plot was not "
+                               "drawn)",)
+
+
+def test_a_nan_loss_ends_the_stage_and_its_log_says_why_and_an_oversized_batch_is_refused(tmp_path):
+    hp, model, train_set = stepwise_setup(tmp_path, eval_every=2)
+    with pytest.raises(SystemExit, match=r"--batch_size=257 is more than the 256 lines of .*train.txt: give a smaller"):
+        icot.train_stage(dataclasses.replace(hp, batch_size=257), "teacher", model, train_set, train_set, 4)
+    with torch.no_grad():
+        model.lm.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(SystemExit, match=r"teacher: the training loss is nan at step 2: lower --lr"):
+        icot.train_stage(hp, "teacher", model, train_set, train_set, 4)
+    log = next((tmp_path / "logs").glob("icot_teacher_*.txt")).read_text()
+    assert log.endswith("stopped: teacher: the training loss is nan at step 2: lower --lr (now 0.01) or "
+                        "--embed_lr_mult\n")
 
 
 def test_a_cut_stage_evaluates_its_last_step_once(tmp_path):
@@ -763,6 +794,12 @@ def test_mixture_components_travel_with_the_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"does not fit this model: \['emulator.mixture \(3, 64\) vs \(2, 64\)"):
         icot.load_weights(icot.IcotModel("emulator", tiny_hp(n_layer=3, emulator_mixtures=2), layout),
                           torch.load(tmp_path / "emulator.pt", weights_only=False)["model"], "emulator.pt")
+    wider = icot.dataclasses.replace(hp, state_mlp_mult=2)  # a student whose state MLPs the emulator's cannot join
+    icot.save_checkpoint(str(tmp_path / "mindread.pt"), icot.build_stage_model("mindread", wider, layout),
+                         str(tmp_path / "teacher.pt"))
+    with pytest.raises(SystemExit, match=r"mindread.pt and .*emulator.pt were trained with other sizes "
+                                         r"\(state_mlp_mult=2 vs 1\): train both with the same ones"):
+        icot.build_stage_model("couple", wider, layout)
 
 
 def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
@@ -793,7 +830,35 @@ def test_students_start_from_the_teacher_and_loading_is_strict(tmp_path):
         icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
 
 
-def test_a_teacher_of_another_task_size_or_kind_and_a_corrupt_checkpoint_are_one_error_each(tmp_path):
+def test_a_student_is_used_only_with_the_teacher_it_was_trained_against(tmp_path):
+    """The mind-reading student and the emulator read their teacher's states: a teacher retrained in the same place
+    (another run), two students of different teachers coupled, and a teacher moved away are errors, not other
+    numbers."""
+    hp = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path))
+    layout = layout_of(LINE_4X4)
+    teacher, first, second = icot.IcotModel("teacher", hp, layout), tmp_path / "teacher.pt", tmp_path / "other.pt"
+    icot.save_checkpoint(str(first), teacher, run_id="run_a")
+    icot.save_checkpoint(str(second), teacher, run_id="run_b")
+    icot.save_checkpoint(str(tmp_path / "mindread.pt"), icot.build_stage_model("mindread", hp, layout), str(first))
+    assert icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp).teacher_run == "run_a"
+    emulator = icot.build_stage_model("emulator", icot.dataclasses.replace(hp, teacher=str(second)), layout)
+    icot.save_checkpoint(str(tmp_path / "emulator.pt"), emulator, str(second))
+    with pytest.raises(SystemExit, match=r"mindread.pt and .*emulator.pt were trained against different teachers "
+                                         r"\(runs run_a and run_b\)"):
+        icot.build_stage_model("couple", hp, layout)
+    icot.save_checkpoint(str(first), teacher, run_id="run_c")  # retrained in its place
+    with pytest.raises(SystemExit, match=r"mindread.pt was trained against the teacher of run run_a, but .*teacher.pt "
+                                         r"is now that of run run_c: give the teacher it was trained against"):
+        icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
+    first.unlink()
+    with pytest.raises(SystemExit, match=r"mindread.pt reads the states of its teacher .*teacher.pt, which is not "
+                                         r"there: give that teacher with --teacher PATH"):
+        icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp)
+    icot.save_checkpoint(str(tmp_path / "moved.pt"), teacher, run_id="run_a")
+    assert icot.load_checkpoint(str(tmp_path / "mindread.pt"), hp, str(tmp_path / "moved.pt")).kind == "mindread"
+
+
+def test_a_teacher_of_another_task_size_or_kind_a_resumed_model_of_another_size_a_corrupt_checkpoint_fail(tmp_path):
     """The students are built from the flags and start from the teacher's weights: a teacher that does not match
     them must not be used (same-shaped weights would load without complaint)."""
     hp = tiny_hp(n_layer=3, ckpt_dir=str(tmp_path))
@@ -802,9 +867,14 @@ def test_a_teacher_of_another_task_size_or_kind_and_a_corrupt_checkpoint_are_one
     other_task = icot.Layout(**{**icot.dataclasses.asdict(layout), "n": 3, "m": 3})
     with pytest.raises(SystemExit, match=r"teacher.pt was trained on 4x4 with 1 per line, but the data is 3x3 with 1"):
         icot.build_stage_model("stepwise", hp, other_task)
-    with pytest.raises(SystemExit, match=r"teacher.pt has another architecture: --n_head=4 \(the teacher's: 2\): give "
-                                         "the teacher's sizes"):
+    with pytest.raises(SystemExit, match=r"teacher.pt has another architecture: --n_head=4 \(the checkpoint's: 2\): "
+                                         "give its sizes"):
         icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, n_head=4), layout)
+    icot.save_checkpoint(str(tmp_path / "stepwise.pt"), icot.build_stage_model("stepwise", hp, layout))
+    resume = icot.dataclasses.replace(hp, resume=True, model_dim=128)  # would train the saved size, log the flags'
+    with pytest.raises(SystemExit, match=r"stepwise.pt has another architecture: --model_dim=128 \(the checkpoint's: "):
+        icot.build_stage_model("stepwise", resume, layout)
+    assert icot.build_stage_model("stepwise", icot.dataclasses.replace(hp, resume=True), layout).removed == 0
     icot.save_checkpoint(str(tmp_path / "nocot.pt"), icot.IcotModel("nocot", hp, layout))
     with pytest.raises(SystemExit, match="nocot.pt is a nocot checkpoint, but a teacher checkpoint is needed here"):
         icot.build_stage_model("mindread", icot.dataclasses.replace(hp, teacher=str(tmp_path / "nocot.pt")), layout)
@@ -829,7 +899,8 @@ def test_an_empty_paper_dir_goes_without_the_papers_files(tmp_path, monkeypatch)
 
 def test_copied_script_finds_the_paper_files_from_the_working_directory(tmp_path, monkeypatch):
     """A copy of the script under records/ (another folder than the repository's) finds the papers' files from the
-    repository root (cwd): it evaluates on their test set and excludes them from the training data."""
+    repository root (cwd): it evaluates on their test set and excludes them from the training data. Run from its own
+    folder, its default outputs would go into records/: refused before any folder is made."""
     root = tmp_path / "work" / "repo"
     copy = root / "records" / "icot" / "some_run" / "train_icot.py"
     copy.parent.mkdir(parents=True)
@@ -856,6 +927,13 @@ def test_copied_script_finds_the_paper_files_from_the_working_directory(tmp_path
     assert command[1] == os.path.join("data", "multiplication.py")
     excluded = command[command.index("--exclude") + 1:]
     assert len(excluded) == 4 and all(os.path.isfile(path) for path in excluded)
+    copied.check_defaults_outside_records(copied.Hyperparameters())  # from the root: the defaults go there
+    monkeypatch.chdir(copy.parent)  # from the copy's own folder they would go into records/
+    with pytest.raises(SystemExit, match=rf"run from the repository root \({root}\), not from inside its records/: the "
+                                         "default --data_dir, --ckpt_dir, --log_dir would write there"):
+        copied.main(["teacher", "--paper_dir="])
+    assert not {"data", "checkpoints", "logs"} & set(os.listdir(copy.parent))  # refused before making them
+    copied.check_defaults_outside_records(copied.Hyperparameters(data_dir="d", ckpt_dir="c", log_dir="l"))  # given
 
 
 # ---- Data and checkpoints: what a run trains on is what it says ----
@@ -882,7 +960,8 @@ def flags(**paths):
 def test_a_data_folder_is_reused_only_with_the_settings_that_made_it(tmp_path, monkeypatch, capsys):
     """A generated folder records its settings; a run asking for other ones is one error before training, naming
     what differs; a folder without them (made by data/multiplication.py) and files named with --train_file/--val_file
-    are used as they are."""
+    are used as they are; a folder holding some of the default files but not all is an error (generating would
+    overwrite them)."""
     monkeypatch.chdir(REPO_ROOT)  # data/multiplication.py; every output goes under tmp_path
     trained = []
     monkeypatch.setattr(icot, "run_stage", lambda kind, hp: trained.append(hp))
@@ -909,6 +988,20 @@ def test_a_data_folder_is_reused_only_with_the_settings_that_made_it(tmp_path, m
     assert len(trained) == 3 and f"note: {data} has no settings.json" in capsys.readouterr().out
     icot.main(base + flags(train_file=f"{data}/./train.txt", val_file=f"{data}/./valid.txt"))  # as they are
     assert len(trained) == 4
+    (data / "test.txt").unlink()  # a hand-made folder without a test split: generating would overwrite the others
+    kept = (data / "train.txt").read_bytes()
+    with pytest.raises(SystemExit, match=rf"{data} has {data}/train.txt, {data}/valid.txt but not {data}/test.txt: "):
+        icot.main(base + ["--train_lines=600"])
+    assert (data / "train.txt").read_bytes() == kept and len(trained) == 4
+
+
+def test_a_task_with_too_few_problems_for_its_splits_names_the_flags_to_change(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # data/multiplication.py; every output goes under tmp_path
+    monkeypatch.setattr(icot, "run_stage", lambda *args: pytest.fail("training started"))
+    with pytest.raises(SystemExit, match=r"failed \(see the message above\): 1x1 has only 81 distinct problems, and "
+                                         r"the splits share none .*: give fewer --train_lines, --val_lines and"):
+        icot.main(["teacher", "--preset=tiny", "--task=1x1", *flags(data_dir=tmp_path / "data",
+                                                                   ckpt_dir=tmp_path / "ckpt", log_dir=tmp_path)])
 
 
 def test_training_data_sharing_problems_with_an_evaluation_set_is_refused(tmp_path, monkeypatch):
@@ -1020,7 +1113,15 @@ def tiny_run(tmp_path_factory):
     (("teacher", "stepwise", "mindread", "emulator", "couple", "nocot"), 10 + 3 + 3 + 3),  # the longer chain
     (("teacher", "stepwise", "nocot"), 10 + 7),
 ])
-def test_all_gives_the_no_cot_baseline_the_steps_of_the_longest_chain(tmp_path, monkeypatch, stages, nocot_steps):
+def test_all_gives_the_no_cot_baseline_the_steps_of_the_longest_chain(stand_in_all, stages, nocot_steps):
+    stand_in_all.run(stages=stages, nocot_steps=0)
+    assert stand_in_all.given["nocot"] == nocot_steps and stand_in_all.given["teacher"] is None
+
+
+@pytest.fixture
+def stand_in_all(tmp_path, monkeypatch):
+    """run_all with stages that only record their steps (teacher 10, stepwise 7, the distillation stages 3 each) on
+    64 lines of 4x4 (with one token per increment, 64 per epoch: a token a step, the last of 46 at step 45)."""
     steps_of = {"teacher": 10, "stepwise": 7, "mindread": 3, "emulator": 3, "couple": 3}
     given = {}
 
@@ -1028,15 +1129,33 @@ def test_all_gives_the_no_cot_baseline_the_steps_of_the_longest_chain(tmp_path, 
         given[kind] = steps
         return {}, steps or steps_of[kind], 0.0
 
-    monkeypatch.setattr(icot, "load_training_data", lambda hp: (None, None))
+    train_set = icot.Dataset("train.txt", torch.zeros(64, 1), layout_of(LINE_4X4))
+    monkeypatch.setattr(icot, "load_training_data", lambda hp: (train_set, None))
     monkeypatch.setattr(icot, "report_sets", lambda hp: [])
     monkeypatch.setattr(icot, "load_dataset", lambda path, max_lines=None: icot.Dataset(path, torch.zeros(1, 1), None))
     monkeypatch.setattr(icot, "run_stage", stand_in_stage)
-    monkeypatch.setattr(icot, "load_checkpoint", lambda *args, **kwargs: None)
+    monkeypatch.setattr(icot, "load_checkpoint", lambda path, *args, **kwargs: types.SimpleNamespace(kind=""))
     monkeypatch.setattr(icot, "evaluate", lambda *args, **kwargs: {})
     monkeypatch.setattr(icot, "results_table", lambda *args, **kwargs: "")
-    icot.run_all(tiny_hp(stages=stages, nocot_steps=0, log_dir=str(tmp_path)), [])
-    assert given["nocot"] == nocot_steps and given["teacher"] is None
+    run = lambda **flags: icot.run_all(tiny_hp(**{"log_dir": str(tmp_path), "ckpt_dir": str(tmp_path), **flags}), [])
+    return types.SimpleNamespace(given=given, run=run)
+
+
+def test_all_refuses_stages_it_cannot_finish_before_training(stand_in_all, tmp_path):
+    """A stage whose checkpoints are neither trained in this run nor there, and a stepwise schedule longer than
+    --stepwise_max_steps (the model would still read CoT, and `all` has no --resume): errors before any stage."""
+    for stages, missing in [(("teacher", "couple"), "mindread"), (("stepwise",), "teacher")]:
+        with pytest.raises(SystemExit, match=rf"--stages has {stages[-1]} but not {missing}, and {tmp_path}/{missing}"
+                                             rf".pt is not there: add {missing} to --stages"):
+            stand_in_all.run(stages=stages)
+    token_a_step = {"stepwise_remove": 1, "stepwise_remove_per_epoch": 64}
+    with pytest.raises(SystemExit, match=r"removes its last CoT tokens at step 45, but --stepwise_max_steps=45 ends"):
+        stand_in_all.run(stages=("teacher", "stepwise"), stepwise_max_steps=45, **token_a_step)
+    assert stand_in_all.given == {}
+    stand_in_all.run(stages=("teacher", "stepwise"), stepwise_max_steps=46, **token_a_step)
+    (tmp_path / "teacher.pt").touch()  # trained before: its own checks come when it is loaded
+    stand_in_all.run(stages=("stepwise",), stepwise_max_steps=46, **token_a_step)
+    assert stand_in_all.given == {"teacher": None, "stepwise": None}
 
 
 def test_a_stage_command_writes_missing_data_first(tmp_path):
@@ -1156,9 +1275,17 @@ def test_eval_and_predict_commands(tiny_run, capsys, monkeypatch, tmp_path):
     outputs, _ = run("predict", f"--ckpt={couple}", "--show_cot", "37*49", "12*34")
     assert len(outputs) == 2
     assert re.fullmatch(r"couple: 37\*49 = \S+ \((right|wrong, true 1813)\)\nteacher CoT: [0-9+() $]+", outputs[0])
-    monkeypatch.setattr(sys, "stdin", io.StringIO("37*49\n3*4\n\n"))
-    _, out = run("predict", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("37*49\n3*4\n\n12*34\n"))  # piped: every line, then the count
+    with pytest.raises(SystemExit, match=r"1 input line\(s\) were not problems \(the errors above\); the others"):
+        run("predict", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}")
+    out = capsys.readouterr().out
     assert "teacher: 37*49 = " in out and "error: 3*4: this model multiplies 2-digit by 2-digit" in out
+    assert "teacher: 12*34 = " in out and "type e.g." not in out
+    terminal = io.StringIO("37*49\n3*4\n\n12*34\n")
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(sys, "stdin", terminal)  # typed: a typo is reported, an empty line quits
+    _, out = run("predict", f"--ckpt={dirs['ckpt'] / 'teacher.pt'}")
+    assert "type e.g. 3719*3349" in out and "error: 3*4" in out and "teacher: 37*49 = " in out and "12*34" not in out
     with pytest.raises(SystemExit, match=r"is not a problem like 3719\*3349"):
         run("predict", f"--ckpt={couple}", "1*2*3")
     with pytest.raises(SystemExit, match="takes 1 problem"):
@@ -1169,6 +1296,14 @@ def test_eval_and_predict_commands(tiny_run, capsys, monkeypatch, tmp_path):
         run("eval", f"--ckpt={couple}", f"--data={other_task}")
     with pytest.raises(SystemExit, match="checkpoint not found"):
         run("eval", f"--ckpt={tmp_path / 'none.pt'}")
+    three = layout_of(icot.format_line([(123, 456)], 3, 3))
+    icot.save_checkpoint(str(tmp_path / "teacher3x3.pt"), icot.IcotModel("teacher", tiny_hp(), three))
+    with pytest.raises(SystemExit, match=r"teacher3x3.pt is a teacher of 3x3 with 1 per line, the model's task is 2x2 "
+                                         r"with 1: give this task's teacher with --teacher PATH"):
+        run("predict", f"--ckpt={dirs['ckpt'] / 'nocot.pt'}", "--show_cot", f"--teacher={tmp_path / 'teacher3x3.pt'}",
+            "12*34")
+    _, out = run("predict", f"--ckpt={dirs['ckpt'] / 'nocot.pt'}", "--show_cot", "12*34")  # the teacher beside it
+    assert "\nteacher CoT: " in out
 
 
 def test_data_parallel_all_writes_once_on_rank_0(tiny_run, tmp_path):
