@@ -789,6 +789,14 @@ def peak_memory_line(device):
 # ---- Training loop ----
 
 
+def trained_losses(args, spec):
+    """The evaluated training losses a run's loss sums (k > 0): a non-finite one means the run diverged."""
+    keys = [key for key, w in zip(("op1_train_loss", "op2_train_loss", "link_loss"), spec.k) if w > 0]
+    if args.alias_groups > 1 and (spec.k[1] > 0 or spec.k[2] > 0):
+        keys.append("meta_loss")  # the meta groups' tables and linkages count in the k2 and k3 losses
+    return keys
+
+
 def train_group(args, specs, device, echo, rank=0, world_size=1):
     """Train the runs in `specs` together; returns one dict per run: final metrics, per-eval history, the step
     it stopped at, log path. A run stops at --steps, or once its held-out table-1 accuracy has not improved
@@ -825,9 +833,14 @@ def train_group(args, specs, device, echo, rank=0, world_size=1):
             for r, m in enumerate(metrics):
                 if not active[r]:
                     continue
-                if not math.isfinite(m["op1_train_loss"] if specs[r].k[0] > 0 else 0.0):
-                    die(f"run {run_name(args.p, specs[r])} seed {specs[r].seed}: the training loss is NaN at step "
-                        f"{step}; lower --lr (now {args.lr})")
+                diverged = next((key for key in trained_losses(args, specs[r]) if not math.isfinite(m[key])), None)
+                if diverged:
+                    message = (f"run {run_name(args.p, specs[r])} seed {specs[r].seed}: the training loss {diverged} "
+                               f"is {m[diverged]} at step {step}; lower --lr (now {args.lr})")
+                    # the log of every run still training ends here: say why in each, not only on stderr
+                    logs.each([f"oocl.py: error: {message}" if a else None for a in active], echo=False)
+                    logs.close()
+                    die(message)
                 history[r].append(dict(step=step, **m))
                 if m["op1_test_acc"] > best[r]:
                     best[r], best_step[r] = m["op1_test_acc"], step

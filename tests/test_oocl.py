@@ -451,6 +451,29 @@ def test_early_stopping_ends_a_run_after_its_patience_window(tmp_path):
     assert full["stop_step"] == 100 and full["history"][-1]["step"] == 100
 
 
+@pytest.mark.parametrize("k, loss", [(("0", "1", "1"), "op2_train_loss"), (("0", "0", "1"), "link_loss"),
+                                     (("1", "0", "0"), "op1_train_loss")])
+def test_a_diverged_run_is_one_error_whatever_it_trains_and_its_log_says_so(k, loss, tmp_path, capsys):
+    """--lr 1e8 makes every loss NaN: the run stops with one error naming the loss, also without table 1 (k1 = 0),
+    and its log ends with that error instead of stopping mid-run."""
+    with pytest.raises(SystemExit) as err:
+        oocl.main(["--preset", "tiny", "--lr", "1e8", "--steps", "10", "--eval_every", "5", "--k", *k, "--quiet",
+                   "--log_dir", str(tmp_path)])
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(stderr) == 1
+    assert f"the training loss {loss} is nan at step 5; lower --lr" in stderr[0]
+    (log,) = tmp_path.iterdir()
+    assert log.read_text().splitlines()[-1] == stderr[0]
+
+
+def test_trained_losses_include_the_meta_groups_when_they_are_trained(tiny):
+    meta = oocl.dataclasses.replace(tiny, alias_groups=2)
+    assert oocl.trained_losses(meta, oocl.RunSpec(0.5, 0.5, (1.0, 0.0, 1.0), 0)) == ["op1_train_loss", "link_loss",
+                                                                                     "meta_loss"]
+    assert oocl.trained_losses(meta, oocl.RunSpec(0.5, 0.5, (1.0, 0.0, 0.0), 0)) == ["op1_train_loss"]
+    assert oocl.trained_losses(tiny, oocl.RunSpec(0.5, 0.5, (0.0, 1.0, 1.0), 0)) == ["op2_train_loss", "link_loss"]
+
+
 def test_batched_sweep_matches_single_runs(tmp_path):
     """Runs with different splits, weights, seeds and controls trained together end where each ends alone."""
     sweep = tiny_args(tmp_path, *GRID, "--holdout2", "0.5", "--seeds", "0", "1", "--max_runs_per_batch", "5",
