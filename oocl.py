@@ -1193,6 +1193,11 @@ def read_part(part):
             for row in csv.DictReader(f):
                 runs[(row["run_name"], int(row["seed"]))][1].append(
                     dict(step=int(row["step"]), **{key: float(row[key]) for key in METRIC_KEYS}))
+        for (name, seed), (row, history) in runs.items():
+            # the last evaluation is the run's result: a history.csv cut short would give a wrong final row
+            if history and history[-1]["step"] != int(row["stop_step"]):
+                die(f"{part}: run {name} seed {seed} stopped at step {row['stop_step']} (runs.csv) but its history.csv "
+                    f"ends at step {history[-1]['step']}: the part is incomplete; run that part again")
     except (ValueError, KeyError, TypeError) as exc:
         die(f"{part}: its sweep.json, runs.csv or history.csv cannot be read ({type(exc).__name__}: {exc}); "
             f"run that part again")

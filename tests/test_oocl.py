@@ -620,6 +620,8 @@ def parts(tmp_path_factory):
     shutil.copytree(folder / "s1", folder / "cut")
     history = (folder / "cut" / "history.csv").read_text().splitlines()
     (folder / "cut" / "history.csv").write_text("\n".join(line for line in history if "_1_1_1," not in line) + "\n")
+    shutil.copytree(folder / "s1", folder / "truncated")  # its last run's last evaluation lost (`head -n -1`)
+    (folder / "truncated" / "history.csv").write_text("\n".join(history[:-1]) + "\n")
     shutil.copytree(folder / "s1", folder / "broken")
     (folder / "broken" / "sweep.json").write_text("{")
     return folder
@@ -630,6 +632,8 @@ def parts(tmp_path_factory):
     (["s0", "s1", "again0"], "seed 0 is in two parts, s0 and again0"),
     (["s0", "stopped"], "stopped holds no sweep.json or history.csv: pass the --out_dir of a finished `oocl.py sweep`"),
     (["s0", "cut"], "no results of run oocl_ssq_11_0.5_0.5_1_1_1 seed 1 in the parts"),
+    (["s0", "truncated"], "truncated: run oocl_ssq_11_0.5_0.5_1_1_1 seed 1 stopped at step 2 (runs.csv) but its "
+                          "history.csv ends at step 0: the part is incomplete"),
     (["s0", "broken"], "broken: its sweep.json, runs.csv or history.csv cannot be read"),
     (["s0", "missing"], "missing is not a folder"),
     (["s0", "s0"], "s0 is given twice"),
