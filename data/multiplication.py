@@ -19,7 +19,9 @@ with replacement (like the paper's and the seed's data), so a tiny digit space s
 import argparse
 import os
 import random
+import re
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fineweb import Once  # noqa: E402  (data/fineweb.py, next to this script)
@@ -175,10 +177,34 @@ def parse_splits(text: str) -> list[tuple[str, int]]:
         name, _, count = item.partition("=")
         if not name or not count.isdigit() or int(count) <= 0:
             raise ValueError(f"--splits item {item!r}: expected name=count, e.g. train=808000,valid=1000,test=1000")
+        if not re.fullmatch(r"\w[\w.-]*", name):  # the file --out-dir/<name>.txt: no path may leave --out-dir
+            raise ValueError(f"--splits item {item!r}: a split name is a plain file name (letters, digits, _ . -), "
+                             f"e.g. train; the split is written to --out-dir/<name>.txt")
         splits.append((name, int(count)))
     if len({name for name, _ in splits}) != len(splits):
         raise ValueError(f"--splits {text!r}: a split name appears twice")
     return splits
+
+
+def check_writable(path: str, option: str) -> None:
+    """An output file that cannot be written is reported before the generation, not after it; nothing is created."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: {path} is a folder: give the path of the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the folders write_lines would create: the nearest existing one must take them
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option}: {folder} is a file, not a folder, so {path} cannot be written: "
+                         f"choose another path")
+    # a probe, not os.access: root passes os.access where the file system refuses (/proc, read-only mounts)
+    where = path if os.path.exists(path) else f"a new file in {folder}"
+    try:
+        if os.path.exists(path):
+            open(path, "a").close()  # opened, not changed
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"{option}: cannot write {where} ({error.strerror}): choose a writable path") from None
 
 
 def write_lines(path: str, lines: list[str]) -> None:
@@ -191,15 +217,17 @@ def write_lines(path: str, lines: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="multiplication.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--digits", action=Once, default="4x4", help="NxM: first operand N digits, second M digits")
-    parser.add_argument("--per-line", action=Once, type=int, default=1, help="K problems per line, joined with ' $ '")
+    # options with two words take both spellings (--per-line, --per_line), as the other scripts' options do
+    parser.add_argument("--per-line", "--per_line", action=Once, type=int, default=1,
+                        help="K problems per line, joined with ' $ '")
     parser.add_argument("--count", action=Once, type=int, help="number of lines written to --out")
     parser.add_argument("--out", action=Once, help="output file (with --count)")
     parser.add_argument("--splits", action=Once,
                         help="name=count,... written to --out-dir/<name>.txt, no problem in two splits")
-    parser.add_argument("--out-dir", action=Once, help="output directory (with --splits)")
+    parser.add_argument("--out-dir", "--out_dir", action=Once, help="output directory (with --splits)")
     parser.add_argument("--exclude", action=Once, nargs="+", default=[],
                         help="files whose problems must not be generated")
-    parser.add_argument("--leading-zeros", action=Once, nargs=0, const=True, default=False,
+    parser.add_argument("--leading-zeros", "--leading_zeros", action=Once, nargs=0, const=True, default=False,
                         help="allow operands that start with a zero")
     parser.add_argument("--seed", action=Once, type=int, default=0)
     parser.add_argument("--check", action=Once, nargs="+", help="only validate these files")
@@ -207,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:  # every check, and the generation, before the first file is written
         if args.check:
+            others = sorted(getattr(args, "_given", set()) - {"check"})
+            if others:  # --check only validates: a generation option beside it would be ignored
+                raise ValueError(f"--check only validates files and writes nothing; drop "
+                                 f"{' '.join('--' + name.replace('_', '-') for name in others)}, or generate "
+                                 f"in a command of its own")
             for path in args.check:
                 print(f"{path}: {len(read_lines(path))} valid lines")
             return
@@ -221,11 +254,20 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--count needs --out FILE")
         if args.splits is not None and not args.out_dir:
             raise ValueError("--splits needs --out-dir DIR")
+        if args.count is not None and args.out_dir:  # --out-dir is where the splits go: with --count it is unused
+            raise ValueError("--out-dir is the folder of --splits; with --count N the lines go to --out FILE only: "
+                             "drop --out-dir")
+        if args.splits is not None and args.out:
+            raise ValueError("--out is the file of --count; with --splits the splits go to --out-dir DIR: drop --out")
         if args.out and os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a folder: give the path of the file to write")
         if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder: choose a folder for the splits")
         splits = [("out", args.count)] if args.count is not None else parse_splits(args.splits)
+        paths = {name: args.out if args.count is not None else os.path.join(args.out_dir, f"{name}.txt")
+                 for name, _ in splits}
+        for path in paths.values():
+            check_writable(path, f"--out {args.out}" if args.count is not None else f"--out-dir {args.out_dir}")
 
         rng = random.Random(args.seed)
         forbidden = excluded_problems(args.exclude)
@@ -236,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
             forbidden |= set(problems)
     except ValueError as error:
         parser.error(str(error))  # one message, exit code 2
-    for name, _ in splits:
-        write_lines(args.out if args.count is not None else os.path.join(args.out_dir, f"{name}.txt"), generated[name])
+    for name, path in paths.items():
+        write_lines(path, generated[name])
 
 
 if __name__ == "__main__":

@@ -149,6 +149,14 @@ def test_cli_writes_file_and_rejects_bad_arguments(tmp_path):
     ("--count 3 --out {tmp}/a_dir", "--out {tmp}/a_dir is a folder: give the path of the file to write"),
     ("--splits train=3 --out-dir {tmp}/a_file", "--out-dir {tmp}/a_file is a file, not a folder: choose a folder"),
     ("--check {tmp}/a_file", "{tmp}/a_file:1: invalid line"),
+    ("--check {tmp}/a_file --seed 1", "--check only validates files and writes nothing; drop --seed"),
+    ("--count 3 --out {tmp}/x.txt --out-dir {tmp}/a_dir", "--out-dir is the folder of --splits; with --count N"),
+    ("--splits train=3 --out-dir {tmp}/a_dir --out {tmp}/x.txt", "--out is the file of --count; with --splits"),
+    ("--splits ../escape=3 --out-dir {tmp}/a_dir", "--splits item '../escape=3': a split name is a plain file name"),
+    ("--splits train=3,a/b=2 --out-dir {tmp}/a_dir", "--splits item 'a/b=2': a split name is a plain file name"),
+    ("--count 3 --out {tmp}/a_file/x.txt", "--out {tmp}/a_file/x.txt: {tmp}/a_file is a file, not a folder"),
+    ("--splits train=3 --out-dir {tmp}/a_file/sub", "--out-dir {tmp}/a_file/sub: {tmp}/a_file is a file, not a folder"),
+    ("--count 3 --out {tmp}/x.txt --per_line 2 --per-line 2", "argument --per-line: given twice"),
     ("--count 3 --out {tmp}/x.txt --exclude {tmp}/a_file", "{tmp}/a_file:1: invalid line"),
 ])
 def test_bad_arguments_are_one_error_before_any_file_is_written(tmp_path, capsys, argv, message):
@@ -157,6 +165,29 @@ def test_bad_arguments_are_one_error_before_any_file_is_written(tmp_path, capsys
     assert_user_error(capsys, mult.main, argv.format(tmp=tmp_path).split(),
                       "multiplication.py: error: " + re.escape(message.format(tmp=tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"] and not any((tmp_path / "a_dir").iterdir())
+
+
+def test_an_unwritable_output_is_refused_before_the_generation(tmp_path, capsys, monkeypatch):
+    def generated(*args):
+        raise AssertionError("generated before the output was checked")
+
+    monkeypatch.setattr(mult, "generate_lines", generated)
+    (tmp_path / "a_file").write_text("")
+    assert_user_error(capsys, mult.main, ["--count", "3", "--out", str(tmp_path / "a_file" / "x.txt")],
+                      "is a file, not a folder")
+    (tmp_path / "out" / "valid.txt").mkdir(parents=True)  # the second split's file is taken by a folder
+    assert_user_error(capsys, mult.main, ["--splits", "train=3,valid=2", "--out-dir", str(tmp_path / "out")],
+                      re.escape("valid.txt is a folder"))
+    if Path("/proc/self").is_dir():  # Linux: /proc takes no new file, even from root (which os.access lets through)
+        assert_user_error(capsys, mult.main, ["--count", "3", "--out", "/proc/nope.txt"],
+                          re.escape("--out /proc/nope.txt: cannot write a new file in /proc"))
+
+
+def test_two_word_options_take_both_spellings(tmp_path):
+    dashes = generate(tmp_path / "dashes", "--digits", "2x2", "--per-line", "2", "--leading-zeros", "--splits", "a=5")
+    mult.main(["--digits", "2x2", "--per_line", "2", "--leading_zeros", "--splits", "a=5",
+               "--out_dir", str(tmp_path / "underscores")])
+    assert (tmp_path / "underscores" / "a.txt").read_text().splitlines() == dashes["a"]
 
 
 LINE_4X4 = mult.format_line([(3719, 3349)], 4, 4)
