@@ -4,6 +4,7 @@ outright) and the share of lines whose largest weight is on each component.
 
     python records/icot/mixture_usage.py EMULATOR_OR_COUPLE.pt DATA_FILE
 """
+import argparse
 import os
 import sys
 
@@ -12,11 +13,21 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_icot as icot  # noqa: E402
 
-checkpoint, data_file = sys.argv[1:3]
+parser = argparse.ArgumentParser(prog="mixture_usage.py", description=__doc__.split("\n\n")[0])
+parser.add_argument("checkpoint", help="an emulator or couple checkpoint of train_icot.py")
+parser.add_argument("data_file", help="lines of the checkpoint's task (digit size and problems per line)")
+args = parser.parse_args()
+checkpoint, data_file = args.checkpoint, args.data_file
 torch.set_num_threads(1)
-model = icot.load_checkpoint(checkpoint, icot.Hyperparameters(**icot.PRESETS["tiny"])).eval()
+try:  # train_icot's errors (UserError) end here as one line, not as a silent exit code 2
+    # only these two stages have an emulator, whose mixture this reads
+    model = icot.load_checkpoint(checkpoint, icot.Hyperparameters(**icot.PRESETS["tiny"]),
+                                 kinds=("emulator", "couple")).eval()
+    lines = icot.load_dataset(data_file)
+    icot.check_layout(model, lines)  # another task's lines would be read with this model's positions
+except icot.UserError as error:
+    parser.error(error.message)
 emulator = model.emulator
-lines = icot.load_dataset(data_file)
 choices = []  # per layer: the raw states its prediction MLP reads (the first half of its input)
 hooks = [mlp.register_forward_pre_hook(lambda module, args: choices.append(args[0].chunk(2, dim=-1)[0]))
          for mlp in emulator.predict]

@@ -3,6 +3,7 @@
 
     python records/icot/probe_states.py TEACHER.pt DATA_DIR line|sum [n_layer]
 """
+import argparse
 import os
 import sys
 
@@ -12,12 +13,27 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train_icot as icot  # noqa: E402
 
-teacher_path, data_dir, scheme = sys.argv[1:4]
+parser = argparse.ArgumentParser(prog="probe_states.py", description=__doc__.split("\n\n")[0])
+parser.add_argument("teacher", help="a teacher checkpoint of train_icot.py")
+parser.add_argument("data_dir", help="a folder with train.txt and valid.txt of the teacher's task")
+parser.add_argument("scheme", choices=("line", "sum"), help="the --states scheme of the states the probe reads")
+parser.add_argument("n_layer", nargs="?", type=int, help="the teacher's layers (read from the checkpoint; if given, "
+                                                         "it must match)")
+args = parser.parse_args()
+teacher_path, data_dir, scheme = args.teacher, args.data_dir, args.scheme
 torch.set_num_threads(1)
 hp = icot.Hyperparameters(**{**icot.PRESETS["tiny"], "states": scheme})
-teacher = icot.load_checkpoint(teacher_path, hp).eval()
-hp.n_layer = teacher.n_layer
-train, valid = icot.load_dataset(f"{data_dir}/train.txt", 8000), icot.load_dataset(f"{data_dir}/valid.txt")
+try:  # train_icot's errors (UserError) end here as one line, not as a silent exit code 2
+    teacher = icot.load_checkpoint(teacher_path, hp, kinds=("teacher",)).eval()
+    if args.n_layer is not None and args.n_layer != teacher.n_layer:
+        icot.die(f"{teacher_path} has {teacher.n_layer} layers, not {args.n_layer}: leave n_layer out (it is read "
+                 f"from the checkpoint)")
+    hp.n_layer = teacher.n_layer
+    train, valid = icot.load_dataset(f"{data_dir}/train.txt", 8000), icot.load_dataset(f"{data_dir}/valid.txt")
+    for dataset in (train, valid):  # another task's lines would be read at this teacher's positions
+        icot.check_layout(teacher, dataset)
+except icot.UserError as error:
+    parser.error(error.message)
 layout = train.layout
 reader = icot.IcotModel("mindread", hp, layout, teacher)  # only its teacher_states() is used
 with torch.no_grad():
