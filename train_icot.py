@@ -964,7 +964,9 @@ def load_checkpoint(path, hp, teacher_path=None, kinds=None):
     if not isinstance(saved, dict) or not {"kind", "config", "layout", "model"} <= saved.keys():
         die(f"{path}: not a checkpoint of train_icot.py (no kind, config, layout and model): give the right path")
     if kinds and saved["kind"] not in kinds:
-        die(f"{path} is a {saved['kind']} checkpoint, but a {' or '.join(kinds)} checkpoint is needed here")
+        article = lambda word: ("an " if word[0] in "aeiou" else "a ") + word
+        die(f"{path} is {article(saved['kind'])} checkpoint, but {article(' or '.join(kinds))} checkpoint is needed "
+            f"here")
     # fields an older checkpoint did not save take the defaults that version used, not this command's values
     saved_config = {f: getattr(Hyperparameters(), f) for f in MODEL_FIELDS} | saved["config"]
     if "keep_positions" in saved:  # the first checkpoints with the option saved it beside the config

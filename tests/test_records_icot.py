@@ -67,12 +67,12 @@ def test_help_shows_the_usage(script, capsys):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("mixture_usage.py", "{d}/teacher.pt {d}/2x2.txt", "teacher.pt is a teacher checkpoint, but a emulator or couple "
+    ("mixture_usage.py", "{d}/teacher.pt {d}/2x2.txt", "teacher.pt is a teacher checkpoint, but an emulator or couple "
                                                        "checkpoint is needed here"),
     ("mixture_usage.py", "{d}/emulator.pt {d}/4x4.txt", "4x4.txt: 4x4 with 1 per line, but the model was trained "
                                                         "on 2x2"),
     ("mixture_usage.py", "{d}/missing.pt {d}/2x2.txt", "missing.pt: checkpoint not found"),  # was a silent exit 2
-    ("probe_states.py", "{d}/emulator.pt {d}/dir2 sum", "emulator.pt is a emulator checkpoint, but a teacher"),
+    ("probe_states.py", "{d}/emulator.pt {d}/dir2 sum", "emulator.pt is an emulator checkpoint, but a teacher"),
     ("probe_states.py", "{d}/teacher.pt {d}/dir4 sum", "dir4/train.txt: 4x4 with 1 per line, but the model was "
                                                       "trained on 2x2"),
     ("probe_states.py", "{d}/teacher.pt {d}/dir2 sum 4", "teacher.pt has 3 layers, not 4"),
