@@ -597,6 +597,7 @@ GPT2_VOCAB = 50257  # token ids in GPT-2 shards; the model's vocab_size is padde
 FETCH_HINT = "run `python data/cached_fineweb10B.py N` from the repository root to fetch the val shard and N train shards"
 DEFAULT_FILES = (Hyperparameters.train_files, Hyperparameters.val_files)
 SYNTHETIC_DIR = "data/synthetic_tiny"
+SYNTHETIC_TOKENS = dict(train=2_000_000, val=65_536, shard=1_000_000)  # the tiny preset's set (data/synthetic.py)
 
 
 def shard_token_count(path):
@@ -613,8 +614,38 @@ def shard_token_count(path):
     expected = 4 * SHARD_HEADER_INTS + 2 * count
     if size != expected:
         raise UserError(f"{path}: corrupt shard, header says {count} tokens ({expected} bytes) but the file has "
-                        f"{size} bytes; delete it and fetch it again")
+                        f"{size} bytes; {shard_fix(path)}")
     return count
+
+
+def shard_fix(path):
+    """How to replace a damaged shard: a synthetic one is written, not fetched."""
+    if os.path.realpath(os.path.dirname(path)) == os.path.realpath(SYNTHETIC_DIR):
+        return f"delete the folder {SYNTHETIC_DIR}/ (the tiny preset writes the synthetic set again)"
+    if os.path.basename(path).startswith("synthetic_"):
+        return "delete its folder and write the synthetic set again with data/synthetic.py"
+    return "delete it and fetch it again"
+
+
+def synthetic_set_problem():
+    """What is missing or damaged in the tiny preset's synthetic set, or None when it is whole: a set short of a
+    shard would train on less data than the runs it is compared with, under the same log note."""
+    train_shards = math.ceil(SYNTHETIC_TOKENS["train"] / SYNTHETIC_TOKENS["shard"])
+    expected = {"synthetic_val_000000.bin": SYNTHETIC_TOKENS["val"]}
+    for index in range(1, train_shards + 1):
+        expected[f"synthetic_train_{index:06d}.bin"] = min(
+            SYNTHETIC_TOKENS["shard"], SYNTHETIC_TOKENS["train"] - (index - 1) * SYNTHETIC_TOKENS["shard"])
+    found = {os.path.basename(path) for path in glob.glob(f"{SYNTHETIC_DIR}/synthetic_*.bin")}
+    if found != set(expected):
+        return "; ".join(f"{what}: {', '.join(sorted(names))}" for what, names in
+                         (("missing", set(expected) - found), ("not of the set", found - set(expected))) if names)
+    for name, tokens in expected.items():
+        try:
+            if shard_token_count(os.path.join(SYNTHETIC_DIR, name)) != tokens:
+                return f"{name} does not hold {tokens} tokens"
+        except UserError as error:
+            return str(error).split("; ")[0]  # the problem, without the fix (the set is written again)
+    return None
 
 
 def load_shard(path):
@@ -653,10 +684,13 @@ def use_synthetic_data(args, rank, world_size):
         return None
     args.train_files = f"{SYNTHETIC_DIR}/synthetic_train_*.bin"
     args.val_files = f"{SYNTHETIC_DIR}/synthetic_val_*.bin"
-    command = [sys.executable, "data/synthetic.py", "--out", SYNTHETIC_DIR, "--train_tokens", "2000000",
-               "--val_tokens", "65536", "--shard_tokens", "1000000", "--seed", "0"]
-    complete = lambda: glob.glob(args.train_files) and glob.glob(args.val_files)
-    if rank == 0 and not complete():
+    command = [sys.executable, "data/synthetic.py", "--out", SYNTHETIC_DIR, "--train_tokens",
+               str(SYNTHETIC_TOKENS["train"]), "--val_tokens", str(SYNTHETIC_TOKENS["val"]), "--shard_tokens",
+               str(SYNTHETIC_TOKENS["shard"]), "--seed", "0"]
+    complete = lambda: synthetic_set_problem() is None
+    problem = synthetic_set_problem() if rank == 0 else None
+    damaged = problem if os.path.isdir(SYNTHETIC_DIR) else None  # not a first run: say the set was written again
+    if problem:
         if not os.path.exists("data/synthetic.py"):
             raise UserError(f"no shards at {DEFAULT_FILES[0]!r} and no data/synthetic.py to write a synthetic set: run "
                             f"from the repository root, or {FETCH_HINT}")
@@ -669,13 +703,14 @@ def use_synthetic_data(args, rank, world_size):
         except OSError:
             if complete():  # runs started side by side: another one finished the same set first and may read it
                 shutil.rmtree(partial)
-            else:  # an incomplete set, left by hand
+            else:  # an incomplete or damaged set, left by hand: the same seed writes the same set again
                 shutil.rmtree(SYNTHETIC_DIR)
                 os.rename(partial, SYNTHETIC_DIR)
     if world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's shards
     return (f"no FineWeb shards at {DEFAULT_FILES[0]}: training on the synthetic set {SYNTHETIC_DIR}/ "
-            f"(written once by `python {' '.join(command[1:])}`)")
+            f"(written once by `python {' '.join(command[1:])}`)"
+            + (f"; the set found there was incomplete and was written again ({damaged})" if damaged else ""))
 
 
 def steps_in(num_tokens, step_tokens):

@@ -224,6 +224,18 @@ def test_tiny_preset_without_shards_writes_a_synthetic_set_once(tmp_path, monkey
     assert tg.use_synthetic_data(args, rank=0, world_size=1) is None and args == tg.parse_args(["--preset=tiny"])
 
 
+def write_synthetic_set(folder, token, monkeypatch):
+    """A whole synthetic set of small shards (tg.SYNTHETIC_TOKENS made small) whose tokens all equal `token`."""
+    monkeypatch.setattr(tg, "SYNTHETIC_TOKENS", dict(train=300, val=50, shard=200))
+    folder.mkdir()
+    for name, count in [("train_000001", 200), ("train_000002", 100), ("val_000000", 50)]:
+        write_shard(folder / f"synthetic_{name}.bin", np.full(count, token, dtype=np.uint16))
+
+
+def synthetic_tokens_in(folder):
+    return {int(tg.load_shard(str(path))[0]) for path in folder.iterdir()}
+
+
 def test_runs_started_side_by_side_share_one_synthetic_set(tmp_path, monkeypatch):
     """Two fresh tiny runs both write the synthetic set: the one that finishes second keeps the first one's set
     (which that run is reading) and discards its own."""
@@ -231,31 +243,58 @@ def test_runs_started_side_by_side_share_one_synthetic_set(tmp_path, monkeypatch
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "synthetic.py").write_text("")
 
-    def write_set(folder, name):
-        folder.mkdir()
-        for kind in ("train_000001", "val_000000"):
-            (folder / f"synthetic_{kind}.bin").write_text(name)
-
     def finished_second(command, **kwargs):  # this run writes its set; meanwhile another run completes its own
-        write_set(tmp_path / command[3], "mine")
-        write_set(tmp_path / tg.SYNTHETIC_DIR, "other")
+        write_synthetic_set(tmp_path / command[3], 1, monkeypatch)
+        write_synthetic_set(tmp_path / tg.SYNTHETIC_DIR, 2, monkeypatch)
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(tg.subprocess, "run", finished_second)
     assert tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
-    assert {p.read_text() for p in (tmp_path / tg.SYNTHETIC_DIR).iterdir()} == {"other"}
+    assert synthetic_tokens_in(tmp_path / tg.SYNTHETIC_DIR) == {2}
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]  # no partial left
 
-    def finished_alone(command, **kwargs):
-        write_set(tmp_path / command[3], "mine")
+
+@pytest.mark.parametrize("damage", ["a train shard deleted", "a train shard truncated", "the val shard deleted"])
+def test_an_incomplete_synthetic_set_is_written_again_not_used(tmp_path, monkeypatch, damage):
+    """A set short of a shard would train on less data than the runs it is compared with, under the same log note."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic.py").write_text("")
+    folder = tmp_path / tg.SYNTHETIC_DIR
+    write_synthetic_set(folder, 1, monkeypatch)
+    shard = folder / ("synthetic_val_000000.bin" if "val" in damage else "synthetic_train_000002.bin")
+    if "deleted" in damage:
+        shard.unlink()
+    else:
+        os.truncate(shard, shard.stat().st_size - 20)
+
+    def write_set(command, **kwargs):
+        write_synthetic_set(tmp_path / command[3], 2, monkeypatch)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    shutil.rmtree(tmp_path / tg.SYNTHETIC_DIR)
-    (tmp_path / tg.SYNTHETIC_DIR).mkdir()  # an incomplete set (a val shard deleted by hand) is replaced
-    (tmp_path / tg.SYNTHETIC_DIR / "synthetic_train_000001.bin").write_text("stale")
-    monkeypatch.setattr(tg.subprocess, "run", finished_alone)
-    assert tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
-    assert {p.read_text() for p in (tmp_path / tg.SYNTHETIC_DIR).iterdir()} == {"mine"}
+    monkeypatch.setattr(tg.subprocess, "run", write_set)
+    note = tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
+    assert synthetic_tokens_in(folder) == {2} and len(list(folder.iterdir())) == 3
+    assert f"; the set found there was incomplete and was written again (" in note
+    assert shard.name in note and "delete" not in note
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]
+
+
+def test_a_corrupt_synthetic_shard_names_the_fix_for_a_synthetic_shard(tmp_path, monkeypatch):
+    """A synthetic shard cannot be fetched: the message says to delete its folder (written again), not to fetch it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_synthetic_set(tmp_path / tg.SYNTHETIC_DIR, 1, monkeypatch)
+    shard = tmp_path / tg.SYNTHETIC_DIR / "synthetic_train_000001.bin"
+    os.truncate(shard, 1500)
+    with pytest.raises(tg.UserError, match=r"corrupt shard, .* 1500 bytes; delete the folder data/synthetic_tiny/ "
+                                           r"\(the tiny preset writes the synthetic set again\)$"):
+        tg.shard_token_count(tg.SYNTHETIC_DIR + "/synthetic_train_000001.bin")
+    elsewhere = tmp_path / "synthetic_train_000001.bin"  # a set of data/synthetic.py given by --train_files
+    shutil.copy(shard, elsewhere)
+    with pytest.raises(tg.UserError, match="1500 bytes; delete its folder and write the synthetic set again with "
+                                           "data/synthetic.py$"):
+        tg.shard_token_count(str(elsewhere))
 
 
 def test_the_log_names_the_values_a_preset_set():
