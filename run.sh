@@ -3,6 +3,7 @@
 #
 #   ./run.sh [SCRIPT.py] [ARGS...]      SCRIPT defaults to train_gpt.py; ARGS go to the script
 #   ./run.sh records/<track>/<attempt>/train_gpt.py
+#   ./run.sh --help                     this text (-h or --help anywhere: nothing is set up or launched)
 #
 # Environment:
 #   NPROC=N                  processes (GPUs) per node; default: the GPUs nvidia-smi lists that
@@ -15,8 +16,9 @@
 #                            GPU: then it shows an NPROC-GPU node, default 8)
 #
 # Set-up on a fresh node: installs requirements.txt when torch/numpy/tiktoken/triton do not import,
-# and for scripts named train_gpt.py downloads the FineWeb shards that are missing (not with --preset tiny
-# or with both --train_files and --val_files: such runs do not read them). The script runs
+# and for scripts named train_gpt.py checks the flags and the process count with the script itself (a
+# mistake ends there, before the download), then downloads the FineWeb shards that are missing (not with
+# --preset tiny or with both --train_files and --val_files: such runs do not read them). The script runs
 # with the repository root (the directory of this file) as working directory, so data/ and logs/
 # are the repository's wherever the script was copied to.
 set -euo pipefail
@@ -29,6 +31,16 @@ die() {
     echo "run.sh: error: $*" >&2
     exit 1
 }
+
+# --help or -h anywhere: the header above, before any GPU check, set-up or download.
+for arg in "$@"; do
+    if [[ "$arg" == --help || "$arg" == -h ]]; then
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+        echo
+        echo "The script's own flags: $PYTHON train_gpt.py --help (or the script you launch)."
+        exit 0
+    fi
+done
 
 is_positive_int() {
     [[ "$1" =~ ^[1-9][0-9]*$ ]]
@@ -136,6 +148,18 @@ elif ! "$PYTHON" -c "import $NEEDED" >/dev/null 2>&1; then
     echo "run.sh: installing $REPO_ROOT/requirements.txt (one of $NEEDED is missing)"
     "$PYTHON" -m pip install -r "$REPO_ROOT/requirements.txt" || die "pip install -r requirements.txt failed (see above)"
     "$PYTHON" -c "import $NEEDED" || die "$NEEDED still do not all import after installing requirements.txt"
+fi
+# train_gpt.py checks its flags and the process count itself, in seconds (TRAIN_GPT_CHECK_ONLY): a mistake ends
+# here, before a download of minutes and a launch. A dry run checks them where torch imports.
+WORLD=$((NPROC * ${NNODES:-1}))
+HAS_TORCH="import importlib.util as u; exit(not (u.find_spec('torch') and u.find_spec('numpy')))"  # not imported
+if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]]; then
+    if [[ "$DRY_RUN" == 1 ]] && ! "$PYTHON" -c "$HAS_TORCH" >/dev/null 2>&1; then
+        echo "run.sh: note: $PYTHON cannot import torch and numpy here: this dry run does not check the flags" >&2
+    elif ! (cd "$REPO_ROOT" && TRAIN_GPT_CHECK_ONLY=1 WORLD_SIZE=$WORLD RANK=0 "$PYTHON" "$SCRIPT_PATH" "$@"); then
+        die "$(basename "$SCRIPT_PATH") refuses these flags for $WORLD processes (NPROC=$NPROC per node, see above);" \
+            "nothing was fetched or launched"
+    fi
 fi
 # FineWeb is fetched only for a run that reads it from the default paths: not for other shards
 # (--train_files and --val_files) nor for the tiny preset (it trains on a synthetic set when FineWeb is missing).

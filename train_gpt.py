@@ -1143,6 +1143,8 @@ def main(argv):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_config(args, world_size)
+    if os.environ.get("TRAIN_GPT_CHECK_ONLY") == "1":  # run.sh: the flags checked before it downloads and launches
+        return
     use_cuda = torch.cuda.is_available()
     if not use_cuda and not args.allow_cpu:
         raise UserError("no CUDA GPU is visible: this configuration needs GPUs (launch it with ./run.sh on a GPU "

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,7 +65,8 @@ def repo(tmp_path):
         full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
         full_env.update(PATH=os.pathsep.join([str(bin_dir)] + system_path), CALLS=str(calls),
                         INSTALLED=str(tmp_path / "installed"), PYTHON=str(bin_dir / "fake-python"),
-                        RUN_SH_DRY_RUN="1" if dry_run else "0", **env)
+                        RUN_SH_DRY_RUN="1" if dry_run else "0")
+        full_env.update(env)
         return subprocess.run([str(root / "run.sh"), *args], cwd=cwd, env=full_env, capture_output=True,
                               text=True, timeout=30)
 
@@ -111,7 +113,8 @@ def test_dry_run_without_gpu_shows_the_launch(repo, gpus, env):
     assert "data/cached_fineweb10B.py 30\n" in result.stdout
     result = repo.run("oocl.py", "sweep", gpus=gpus, NPROC="2", **env)
     assert torchrun_args(result) == ["--standalone", "--nproc_per_node=2", str(repo.root / "oocl.py"), "sweep"]
-    assert repo.calls() == []  # a dry run installs, downloads and launches nothing
+    # a dry run installs, downloads and launches nothing; it checks train_gpt.py's flags where torch imports
+    assert len(repo.calls()) == 1 and repo.calls()[0].startswith("python -c import importlib.util")
 
 
 # ---- GPU count and NPROC ----
@@ -181,6 +184,41 @@ def test_missing_script_is_a_clear_error(repo):
     assert result.returncode != 0 and "training script 'records/nope/train_gpt.py' not found" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["records/x/train_gpt.py", "--seed=1", "--help"]])
+def test_help_prints_the_usage_and_sets_up_nothing(repo, args):
+    for gpus, dry_run in ((None, False), (8, False), (8, True)):
+        result = repo.run(*args, gpus=gpus, dry_run=dry_run)
+        assert result.returncode == 0 and result.stderr == ""
+        assert result.stdout.startswith("Launch a training script on every GPU")
+        assert "NPROC=N" in result.stdout and "cached_fineweb10B" not in result.stdout
+        assert "set -euo" not in result.stdout and "train_gpt.py --help" in result.stdout
+    assert repo.calls() == []
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"NPROC": "3"}, [], "world size 3 does not divide micro_batches_per_step=8"),
+    ({"NPROC": "1", "NNODES": "3", "NODE_RANK": "0", "MASTER_ADDR": "h"}, [], "world size 3 does not divide"),
+    ({"NPROC": "2"}, ["--num_iteration=5"], "unrecognized arguments: --num_iteration=5"),
+])
+def test_train_gpt_flags_are_checked_before_the_download(repo, env, args, message):
+    """train_gpt.py's own check of its flags and process count runs first: a mistake costs no 6 GB download."""
+    for name in ("train_gpt.py", "requirements.txt"):
+        shutil.copy(RUN_SH.parent / name, repo.root / name)
+    result = repo.run(*args, PYTHON=sys.executable, **env)  # a real run checks at the same place (the fresh node test)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert "run.sh: error: train_gpt.py refuses these flags for 3 processes" in result.stderr \
+        or "refuses these flags for 2 processes" in result.stderr
+    assert "nothing was fetched or launched" in result.stderr
+    assert "cached_fineweb10B" not in result.stdout and "torchrun" not in result.stdout
+
+
+def test_train_gpt_flags_that_pass_the_check_are_launched(repo):
+    for name in ("train_gpt.py", "requirements.txt"):
+        shutil.copy(RUN_SH.parent / name, repo.root / name)
+    result = repo.run("--preset", "tiny", PYTHON=sys.executable, NPROC="2")
+    assert torchrun_args(result)[1:] == ["--nproc_per_node=2", str(repo.root / "train_gpt.py"), "--preset", "tiny"]
+
+
 # ---- Multi-node ----
 
 def test_multi_node_rendezvous(repo):
@@ -212,12 +250,13 @@ def test_fresh_node_installs_fetches_and_launches(repo):
         "python -c import torch, numpy, tiktoken, triton, huggingface_hub",
         f"python -m pip install -r {repo.root}/requirements.txt",
         "python -c import torch, numpy, tiktoken, triton, huggingface_hub",
+        f"python {repo.root}/train_gpt.py --seed=1",  # its check of the flags, before the download
         f"python {repo.root}/data/cached_fineweb10B.py 3",
         f"torchrun --standalone --nproc_per_node=2 {repo.root}/train_gpt.py --seed=1",
     ]
     # Second run: the imports work now, so nothing is installed.
     repo.run("oocl.py", dry_run=False)
-    assert repo.calls()[5:] == ["python -c import torch, numpy, tiktoken, triton, huggingface_hub",
+    assert repo.calls()[6:] == ["python -c import torch, numpy, tiktoken, triton, huggingface_hub",
                                 f"torchrun --standalone --nproc_per_node=4 {repo.root}/oocl.py"]
 
 
