@@ -235,6 +235,20 @@ def check_config(args, world_size):
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def check_log_dir(args, argv):
+    """The default --log_dir follows the working directory: run from inside records/ (a copy from its own folder) it
+    would put untracked logs into the committed records/, which gets only what a user points there."""
+    root = os.path.dirname(os.path.realpath(__file__))
+    while not os.path.isdir(os.path.join(root, "records")):  # a copy in records/<track>/<attempt>/: the checkout above
+        if os.path.dirname(root) == root:
+            return
+        root = os.path.dirname(root)
+    records, log_dir = os.path.join(root, "records"), os.path.realpath(args.log_dir)
+    if "log_dir" not in vars(build_parser().parse_args(argv)) and os.path.commonpath([log_dir, records]) == records:
+        raise UserError(f"the default --log_dir {args.log_dir} would write into the repository's records/ ({log_dir}): "
+                        f"run from the repository root ({root}), or pass --log_dir")
+
+
 # ---- Model ----
 
 def norm(x):
@@ -1143,6 +1157,7 @@ def main(argv):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_config(args, world_size)
+    check_log_dir(args, argv)
     if os.environ.get("TRAIN_GPT_CHECK_ONLY") == "1":  # run.sh: the flags checked before it downloads and launches
         return
     use_cuda = torch.cuda.is_available()

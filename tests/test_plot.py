@@ -193,6 +193,19 @@ def test_user_errors(logs, tmp_path, capsys):
         assert_user_error(capsys, plot.main, [str(ours), *argv], message)
 
 
+def test_a_default_out_inside_records_is_refused(logs, tmp_path, capsys, monkeypatch):
+    """Run from inside records/, the default logs/attempts.png would land in the committed records/."""
+    ours, _ = logs
+    records = REPO_ROOT / "records"
+    monkeypatch.chdir(records)
+    assert_user_error(capsys, plot.main, [str(ours)], re.escape(
+        f"the default --out logs/attempts.png would write into the repository's records/ ({records}/logs/attempts.png): "
+        f"run from the repository root ({REPO_ROOT}), or pass --out"))
+    assert not (records / "logs").exists()
+    plot.main([str(ours), "--out", str(tmp_path / "given.png")])  # a path given on purpose is written
+    assert (tmp_path / "given.png").is_file()
+
+
 def test_table_flags_run_times_of_mixed_hardware(logs):
     ours, _ = logs
     row = plot.summary(plot.load_attempts([ours])[0], 2.92)

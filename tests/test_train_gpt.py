@@ -335,6 +335,22 @@ def test_unwritable_log_dir_is_one_error_before_training(tiny_data, tmp_path):
     assert result.stderr == f"train_gpt.py: error: --log_dir '{tmp_path}/a_file' is a file, not a folder: choose a folder for the run logs\n"
 
 
+def test_a_default_log_dir_inside_records_is_refused(tmp_path, monkeypatch):
+    """A copy run from its own folder under records/ would put untracked logs into the committed records/."""
+    attempt = tmp_path / "records" / "gpt2-medium" / "idea"
+    attempt.mkdir(parents=True)
+    monkeypatch.setattr(tg, "__file__", str(attempt / "train_gpt.py"))
+    monkeypatch.chdir(attempt)
+    with pytest.raises(tg.UserError, match=re.escape(
+            f"the default --log_dir logs would write into the repository's records/ ({attempt}/logs): run from the "
+            f"repository root ({tmp_path}), or pass --log_dir")):
+        tg.main(["--preset=tiny"])
+    assert not (attempt / "logs").exists()
+    tg.check_log_dir(tg.parse_args(["--log_dir=logs"]), ["--log_dir=logs"])  # given on purpose: allowed
+    monkeypatch.chdir(tmp_path)
+    tg.check_log_dir(tg.parse_args([]), [])  # from the repository root: logs/ beside records/
+
+
 def test_a_cpu_run_logs_no_gpu_also_where_nvidia_smi_lists_some(tmp_path, monkeypatch):
     smi = tmp_path / "nvidia-smi"
     smi.write_text('#!/usr/bin/env bash\necho "GPU 0: NVIDIA H100 80GB HBM3"\n')
