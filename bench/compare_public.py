@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
-from data.fineweb import write_shard  # noqa: E402
+from data.fineweb import Once, write_shard  # noqa: E402
 
 CHANGES = [  # (the record's text, what runs here, why) : run-time changes that keep the math
     ('torch.empty(1, device="cuda", requires_grad=True).backward()', "pass", "no GPU here"),
@@ -359,12 +359,15 @@ def check_training(record_log, steps):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("record_log")
-    parser.add_argument("--seq_len", type=int, default=2048, help="tokens (a multiple of 128)")
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 3, 4, 8], help="long windows, in blocks")
-    parser.add_argument("--train_steps", type=int, default=16, help="steps of the training comparison (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seq_len", "--seq-len", action=Once, type=int, default=2048,
+                        help="tokens (a multiple of 128)")
+    parser.add_argument("--windows", action=Once, type=int, nargs="+", default=[1, 2, 3, 4, 8],
+                        help="long windows, in blocks")
+    parser.add_argument("--train_steps", "--train-steps", action=Once, type=int, default=16,
+                        help="steps of the training comparison (0: none)")
+    parser.add_argument("--seed", action=Once, type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.record_log):
         parser.error(f"no file {args.record_log}: fetch the record's log first (records/gpu/README.md)")

@@ -78,7 +78,8 @@ def download_shards(num_train_shards, data_dir=DATA_DIR):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("num_train_shards", nargs="?", type=int, default=DEFAULT_TRAIN_SHARDS,
                         help=f"train shards to fetch, 100M tokens each (default {DEFAULT_TRAIN_SHARDS})")
     args = parser.parse_args(argv)

@@ -270,7 +270,7 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
 
 class Once(argparse.Action):
     """Store the value (const for an option with nargs=0); a second occurrence of the option, in any spelling,
-    is an error. Also used by data/multiplication.py and data/synthetic.py."""
+    is an error. Also used by data/multiplication.py, data/synthetic.py and bench/compare_public.py."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("_given", set())
@@ -281,19 +281,23 @@ class Once(argparse.Action):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--input", action=Once, nargs="+", default=None,
                         help="local .txt/.jsonl files or directories (default: FineWeb from the HF hub)")
     parser.add_argument("--out", action=Once, default=str(Path(__file__).resolve().parent / "fineweb10B"),
                         help="output directory (default: data/fineweb10B next to this script)")
-    parser.add_argument("--val_tokens", action=Once, type=int, default=100_000_000, help="tokens in the val shard")
-    parser.add_argument("--shard_tokens", action=Once, type=int, default=100_000_000, help="tokens per train shard")
-    parser.add_argument("--max_train_shards", action=Once, type=int, default=None,
+    parser.add_argument("--val_tokens", "--val-tokens", action=Once, type=int, default=100_000_000,
+                        help="tokens in the val shard")
+    parser.add_argument("--shard_tokens", "--shard-tokens", action=Once, type=int, default=100_000_000,
+                        help="tokens per train shard")
+    parser.add_argument("--max_train_shards", "--max-train-shards", action=Once, type=int, default=None,
                         help="stop after this many train shards (default: tokenise all input)")
     parser.add_argument("--workers", action=Once, type=int, default=None,
                         help="tokeniser processes (default: all cores)")
-    parser.add_argument("--hf_dataset", action=Once, default="HuggingFaceFW/fineweb")
-    parser.add_argument("--hf_name", action=Once, default="sample-10BT", help="dataset config on the hub")
+    parser.add_argument("--hf_dataset", "--hf-dataset", action=Once, default="HuggingFaceFW/fineweb")
+    parser.add_argument("--hf_name", "--hf-name", action=Once, default="sample-10BT",
+                        help="dataset config on the hub")
     args = parser.parse_args(argv)
     try:
         if args.input:

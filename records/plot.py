@@ -216,9 +216,10 @@ def main(argv=None):
     parser.add_argument("--baseline", nargs="+", default=None, help="the baseline's directory or log files")
     parser.add_argument("--threshold", type=float, default=2.92, help="the target val loss (default 2.92)")
     parser.add_argument("--out", help="the PNG to write (default: logs/attempts.png under the current directory)")
-    parser.add_argument("--allow_mixed", action="store_true",
+    parser.add_argument("--allow_mixed", "--allow-mixed", action="store_true",
                         help="let a directory pool logs of different scripts or run names")
     args = parser.parse_args(argv)
+    ttest.check_given_once(parser, sys.argv[1:] if argv is None else argv)
     out = Path(args.out or os.path.join("logs", "attempts.png"))
     records = Path(__file__).resolve().parent
     if args.out is None and records in out.resolve().parents:  # records/ gets only what a user points there

@@ -330,6 +330,20 @@ def finished_sample(parser, runs, side):
     return [run["result"][0] for run in finished], [run["result"][1] for run in finished]
 
 
+def check_given_once(parser, argv):
+    """A flag given twice, in either spelling (--allow_mixed, --allow-mixed), is an error: argparse would keep the
+    last value silently. Also used by plot.py."""
+    seen = set()
+    for arg in argv:
+        if arg == "--":  # positionals only after it
+            break
+        if arg.startswith("--"):
+            flag = "--" + arg[2:].split("=")[0].replace("-", "_")
+            if flag in seen:
+                parser.error(f"{flag} given twice")
+            seen.add(flag)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -337,16 +351,13 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=2.92, help="the loss to beat (default 2.92)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the t-test dicts "
                         f"(default 0.05; the record verdict always uses the track's {RECORD_ALPHA})")
-    parser.add_argument("--allow_mixed", action="store_true",
+    parser.add_argument("--allow_mixed", "--allow-mixed", action="store_true",
                         help="pool logs of different scripts or run names (refused by default), on each side")
     parser.add_argument("--baseline", nargs="+", metavar="LOG_OR_DIR",
                         help="logs of the run to compare with (files or directories): adds their stats and a "
                              "one-sided Welch t-test of mean < baseline mean")
     args = parser.parse_args(argv)
-    given = [arg.split("=")[0] for arg in (sys.argv[1:] if argv is None else argv)]
-    for flag in ("--threshold", "--alpha", "--allow_mixed", "--baseline"):
-        if given.count(flag) > 1:
-            parser.error(f"{flag} given twice")
+    check_given_once(parser, sys.argv[1:] if argv is None else argv)
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
 

@@ -75,6 +75,26 @@ def test_one_failed_check_makes_the_verdict_different(compare_public, monkeypatc
     assert compare_public.main([str(log), "--seq_len", "128", "--train_steps", "1"]) == 0
 
 
+def test_flags_take_both_spellings_once_and_no_abbreviation(compare_public, monkeypatch, capsys, tmp_path):
+    log = tmp_path / "record.txt"
+    log.write_text("print('the record')\n")
+    for argv, message in [(["--seq_len", "128", "--seq_len", "256"], "argument --seq_len: given twice"),
+                          (["--seq_len", "128", "--seq-len", "256"], "argument --seq_len: given twice"),
+                          (["--seq", "128"], "unrecognized arguments: --seq 128"),
+                          (["--train_st", "1"], "unrecognized arguments: --train_st")]:
+        with pytest.raises(SystemExit) as info:
+            compare_public.main([str(log), *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err, err
+    seen = []
+    monkeypatch.setattr(compare_public, "load_public", lambda record_log: seen.append("loaded"))
+    monkeypatch.setattr(compare_public, "same_weights", lambda public, seq_len: seen.append(seq_len) or (None, None))
+    for name in CHECKS:
+        monkeypatch.setattr(compare_public, name, lambda *args: seen.append("checked") or True)
+    assert compare_public.main([str(log), "--seq-len", "256", "--train-steps", "0"]) == 0
+    assert seen[:2] == ["loaded", 256] and seen.count("checked") == len(CHECKS) - 1  # no training steps
+
+
 def test_training_apart_by_more_than_the_records_own_noise_differs(compare_public, monkeypatch):
     monkeypatch.setattr(compare_public, "same_training", lambda log, steps, seq_len=1024: (0.05, 1e-4, [10.8, 9.0]))
     assert compare_public.check_training("record.txt", 4) is False

@@ -272,10 +272,20 @@ def test_repeated_option_is_one_error(tmp_path, capsys):
     docs = str(_write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
     argv = ["--input", docs, "--out", str(tmp_path / "o"), "--shard_tokens", "1000", "--workers", "1"]
     for repeated, message in [(["--val_tokens", "5", "--val_tokens", "10"], "argument --val_tokens: given twice"),
+                              (["--val_tokens", "5", "--val-tokens", "10"], "argument --val_tokens: given twice"),
                               (["--val_tokens", "5", "--input=" + docs], "argument --input: given twice"),
-                              (["--val_tokens", "5", "--out", str(tmp_path / "p")], "argument --out: given twice")]:
+                              (["--val_tokens", "5", "--out", str(tmp_path / "p")], "argument --out: given twice"),
+                              (["--val_tok", "5"], "unrecognized arguments: --val_tok")]:  # no abbreviation
         assert_user_error(capsys, main, argv + repeated, re.escape(message))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_options_take_both_spellings(tmp_path):
+    from data.fineweb import main
+    docs = str(_write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
+    main(["--input", docs, "--out", str(tmp_path / "o"), "--val-tokens", "5", "--shard-tokens", "1000",
+          "--max-train-shards", "1", "--workers", "1"])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
 
 
 # ---- Download helper (the hub client is replaced by a fake: no network here) ----
@@ -330,12 +340,14 @@ def test_download_rejects_impossible_shard_count(cached, tmp_path):
     assert cached.download_shards(103, tmp_path) == 104  # the whole set (val + 103 train shards) can be asked for
 
 
-def test_download_command_fetches_30_train_shards_by_default(cached, monkeypatch):
+def test_download_command_fetches_30_train_shards_by_default(cached, monkeypatch, capsys):
     """30 x 100M tokens cover the record's 5690 steps of 524288 tokens (2.98B)."""
     asked = []
     monkeypatch.setattr(cached, "download_shards", asked.append)
     cached.main([])
     cached.main(["103"])
+    assert asked == [30, 103]
+    assert_user_error(capsys, cached.main, ["--he"], "unrecognized arguments: --he")  # no abbreviation of --help
     assert asked == [30, 103]
 
 

@@ -193,6 +193,20 @@ def test_user_errors(logs, tmp_path, capsys):
         assert_user_error(capsys, plot.main, [str(ours), *argv], message)
 
 
+def test_flags_take_both_spellings_once_and_no_abbreviation(logs, tmp_path, capsys):
+    ours, public = logs
+    out = ["--out", str(tmp_path / "x.png")]
+    for argv, message in [(out + ["--out", str(tmp_path / "y.png")], "--out given twice"),
+                          (out + ["--threshold", "3", "--threshold=2.9"], "--threshold given twice"),
+                          (out + ["--baseline", str(public), "--baseline", str(public)], "--baseline given twice"),
+                          (out + ["--allow_mixed", "--allow-mixed"], "--allow_mixed given twice"),
+                          (out + ["--thresh", "3"], "unrecognized arguments: --thresh")]:
+        assert_user_error(capsys, plot.main, [str(ours), *argv], message)
+    assert not (tmp_path / "x.png").exists()
+    plot.main([str(ours), *out, "--allow-mixed"])
+    assert (tmp_path / "x.png").is_file()
+
+
 def test_a_default_out_inside_records_is_refused(logs, tmp_path, capsys, monkeypatch):
     """Run from inside records/, the default logs/attempts.png would land in the committed records/."""
     ours, _ = logs

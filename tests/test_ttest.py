@@ -235,6 +235,10 @@ def test_a_repeated_option_is_an_error(tmp_path, capsys):
     for i, loss in enumerate([2.918, 2.919]):
         write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4)
     assert_user_error(capsys, ttest.main, [str(tmp_path), "--threshold", "3", "--threshold=2"], "--threshold given twice")
+    assert_user_error(capsys, ttest.main, [str(tmp_path), "--allow-mixed", "--allow_mixed"],
+                      "--allow_mixed given twice")
+    assert_user_error(capsys, ttest.main, [str(tmp_path), "--allow"], "unrecognized arguments: --allow")  # no abbreviation
+    assert "over 2 runs" in run_main(capsys, tmp_path, "--allow-mixed")  # both spellings
 
 
 def test_public_logs_without_run_name_pool_with_each_other(tmp_path, capsys):
