@@ -205,6 +205,8 @@ def check_config(args, world_size):
                 dataclasses.fields(args) if field.type is float and not math.isfinite(getattr(args, field.name))]
     problems += [f"{name}={getattr(args, name)} must be {rule}" for (rule, holds), names in bounds for name in names
                  if math.isfinite(getattr(args, name)) and not holds(getattr(args, name))]
+    if args.seed >= 2 ** 63:  # torch seeds are 64-bit; rank r seeds its warm-up batches with seed + r
+        problems.append(f"seed={args.seed} must be below 2**63 (or -1: a fresh seed per run)")
     if os.sep in args.run_name or (os.altsep and os.altsep in args.run_name):
         problems.append(f"run_name={args.run_name!r} names a file in log_dir and cannot hold a path separator: "
                         "put folders into --log_dir")
@@ -702,6 +704,9 @@ def use_synthetic_data(args, rank, world_size):
                str(SYNTHETIC_TOKENS["train"]), "--val_tokens", str(SYNTHETIC_TOKENS["val"]), "--shard_tokens",
                str(SYNTHETIC_TOKENS["shard"]), "--seed", "0"]
     complete = lambda: synthetic_set_problem() is None
+    if os.path.exists(SYNTHETIC_DIR) and not os.path.isdir(SYNTHETIC_DIR):
+        raise UserError(f"{SYNTHETIC_DIR} is a file, not the synthetic set's folder: move or delete it (the tiny preset "
+                        "writes its synthetic set there)")
     problem = synthetic_set_problem() if rank == 0 else None
     damaged = problem if os.path.isdir(SYNTHETIC_DIR) else None  # not a first run: say the set was written again
     if problem:

@@ -41,7 +41,11 @@ VOCAB = 50257  # the record's embedding rows (its head and train_gpt.py's tables
 
 def load_public(record_log, fp32_head=True):
     """The record script's code before its main part, with CHANGES (the head's bf16 cast kept when not fp32_head)."""
-    text = Path(record_log).read_text()
+    try:
+        text = Path(record_log).read_text()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"compare_public.py: error: {record_log} is not a text log ({e.reason} at byte {e.start}): "
+                         "pass the GPT-2 Medium record's log (records/gpu/README.md)") from None
     script = text.split("=" * 100)[0]
     if "class GPT(" not in script or "# int main" not in script:
         raise SystemExit(f"compare_public.py: error: {record_log} does not start with the record script (no GPT class"

@@ -51,7 +51,11 @@ def download_shards(num_train_shards, data_dir=DATA_DIR):
         raise SystemExit(f"error: the number of train shards must be between 0 and {MAX_TRAIN_SHARDS} "
                          f"(the size of {REPO_ID}), got {num_train_shards}")
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder goes (FileExistsError), or no permission
+        what = "is a file, not a folder" if data_dir.exists() else f"cannot be created ({e.strerror or e})"
+        raise SystemExit(f"error: {data_dir} {what}: move or delete what is in its way, the shards go there") from None
     downloaded = 0
     for name in shard_names(num_train_shards):
         path = data_dir / name

@@ -227,6 +227,8 @@ def main(argv=None):
                      f"from the repository root ({records.parent}), or pass --out")
     if out.suffix.lower() != ".png":
         parser.error(f"--out {out}: give a .png file name")
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder: give a .png file name (e.g. {out / 'attempts.png'})")
     try:
         attempts = load_attempts(args.attempts, args.baseline, args.allow_mixed)
     except ValueError as e:  # a missing log, a diverged run, mixed scripts in one directory

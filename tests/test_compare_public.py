@@ -30,6 +30,11 @@ def test_a_missing_or_wrong_log_is_one_clear_error(tmp_path):
     result = run_tool(wrong)
     assert result.returncode == 1 and "does not start with the record script" in result.stderr
     assert "Traceback" not in result.stderr
+    (tmp_path / "binary.txt").write_bytes(b"\x80\xff not UTF-8")
+    result = run_tool(tmp_path / "binary.txt")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == (f"compare_public.py: error: {tmp_path}/binary.txt is not a text log (invalid start byte at "
+                             "byte 0): pass the GPT-2 Medium record's log (records/gpu/README.md)\n")
 
 
 @pytest.mark.skipif(not RECORD_LOG.is_file(), reason="the public record's log is not in bench/public/")

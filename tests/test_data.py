@@ -334,6 +334,13 @@ def test_downloaded_garbage_is_an_error(cached, tmp_path, monkeypatch):
         cached.download_shards(0, tmp_path)
 
 
+def test_a_file_where_the_shards_go_is_one_error(cached, tmp_path):
+    (tmp_path / "fineweb10B").write_text("")
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path}/fineweb10B is a file, not a folder: move or delete"):
+        cached.download_shards(1, tmp_path / "fineweb10B")
+    assert cached.calls == []
+
+
 def test_download_rejects_impossible_shard_count(cached, tmp_path):
     with pytest.raises(SystemExit, match="between 0 and 103"):
         cached.download_shards(104, tmp_path)

@@ -187,8 +187,10 @@ def test_user_errors(logs, tmp_path, capsys):
                       "2 different scripts or configurations")
     (ours / "other.txt").unlink()
     (tmp_path / "file").write_text("")
+    (tmp_path / "d.png").mkdir()
     for argv, message in [(["--out", str(tmp_path / "x.pdf")], "give a .png file name"),
                           (["--out", str(tmp_path / "file" / "x.png")], "cannot create"),
+                          (["--out", str(tmp_path / "d.png")], r"d.png is a folder: give a .png file name"),
                           (["--baseline", str(tmp_path / "nope")], "nope does not exist")]:
         assert_user_error(capsys, plot.main, [str(ours), *argv], message)
 

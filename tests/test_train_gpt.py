@@ -280,6 +280,18 @@ def test_an_incomplete_synthetic_set_is_written_again_not_used(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]
 
 
+def test_a_file_where_the_synthetic_set_goes_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic.py").write_text("")
+    (tmp_path / tg.SYNTHETIC_DIR).write_text("")
+    monkeypatch.setattr(tg.subprocess, "run", lambda *args, **kwargs: pytest.fail("nothing is written"))
+    with pytest.raises(tg.UserError, match="^data/synthetic_tiny is a file, not the synthetic set's folder: move or "
+                                           "delete it"):
+        tg.use_synthetic_data(tg.parse_args(["--preset=tiny"]), rank=0, world_size=1)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]
+
+
 def test_a_corrupt_synthetic_shard_names_the_fix_for_a_synthetic_shard(tmp_path, monkeypatch):
     """A synthetic shard cannot be fetched: the message says to delete its folder (written again), not to fetch it."""
     monkeypatch.chdir(tmp_path)
@@ -460,6 +472,11 @@ def test_check_config_rejects_impossible_settings():
         tg.check_config(tg.Hyperparameters(head_dim=130, model_dim=1040), 1)
     with pytest.raises(tg.UserError, match="eos_token=50304 must be a token id below vocab_size=50304"):
         tg.check_config(tg.Hyperparameters(eos_token=50304), 1)  # == vocab_size would turn document masking off
+    # torch takes 64-bit seeds: a larger one failed after the log was opened
+    with pytest.raises(tg.UserError, match=r"seed=99999999999999999999 must be below 2\*\*63 \(or -1"):
+        tg.check_config(tg.parse_args(["--seed=99999999999999999999"]), 1)
+    tg.check_config(tg.Hyperparameters(seed=2 ** 63 - 1), 8)
+    torch.Generator().manual_seed(2 ** 63 - 1 + 7)  # the highest seed of rank 7's warm-up batches
 
 
 def test_shard_patterns_that_match_a_folder_or_overlap_are_one_error(tiny_data, tmp_path):
