@@ -220,6 +220,7 @@ def main(argv=None):
                         help="let a directory pool logs of different scripts or run names")
     args = parser.parse_args(argv)
     ttest.check_given_once(parser, sys.argv[1:] if argv is None else argv)
+    ttest.check_threshold(parser, args.threshold)
     out = Path(args.out or os.path.join("logs", "attempts.png"))
     records = Path(__file__).resolve().parent
     if args.out is None and records in out.resolve().parents:  # records/ gets only what a user points there

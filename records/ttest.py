@@ -344,6 +344,12 @@ def check_given_once(parser, argv):
             seen.add(flag)
 
 
+def check_threshold(parser, threshold):
+    """A NaN or infinite target tests nothing (inf: the verdict MET for any loss). Also used by plot.py."""
+    if not math.isfinite(threshold):
+        parser.error(f"--threshold must be a finite loss, got {threshold}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -358,6 +364,7 @@ def main(argv=None):
                              "one-sided Welch t-test of mean < baseline mean")
     args = parser.parse_args(argv)
     check_given_once(parser, sys.argv[1:] if argv is None else argv)
+    check_threshold(parser, args.threshold)
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must lie strictly between 0 and 1, got {args.alpha}")
 

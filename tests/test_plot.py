@@ -191,7 +191,9 @@ def test_user_errors(logs, tmp_path, capsys):
     for argv, message in [(["--out", str(tmp_path / "x.pdf")], "give a .png file name"),
                           (["--out", str(tmp_path / "file" / "x.png")], "cannot create"),
                           (["--out", str(tmp_path / "d.png")], r"d.png is a folder: give a .png file name"),
-                          (["--baseline", str(tmp_path / "nope")], "nope does not exist")]:
+                          (["--baseline", str(tmp_path / "nope")], "nope does not exist"),
+                          (["--threshold", "inf"], "--threshold must be a finite loss, got inf"),
+                          (["--threshold", "nan"], "--threshold must be a finite loss, got nan")]:
         assert_user_error(capsys, plot.main, [str(ours), *argv], message)
 
 

@@ -231,6 +231,19 @@ def test_logs_with_different_settings_are_not_pooled_but_seeds_and_paths_may_dif
     assert "over 3 runs" in run_main(capsys, tmp_path, "--allow_mixed")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "nan"], "--threshold must be a finite loss, got nan"),
+    (["--threshold", "inf"], "--threshold must be a finite loss, got inf"),  # the verdict was MET for any loss
+    (["--threshold=-inf"], "--threshold must be a finite loss, got -inf"),
+    (["--alpha", "nan"], "--alpha must lie strictly between 0 and 1, got nan"),
+    (["--alpha", "1"], "--alpha must lie strictly between 0 and 1, got 1.0"),
+])
+def test_a_threshold_or_alpha_that_tests_nothing_is_an_error(tmp_path, capsys, argv, message):
+    for i, loss in enumerate([2.918, 2.919]):
+        write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4)
+    assert_user_error(capsys, ttest.main, [str(tmp_path), *argv], re.escape(message))
+
+
 def test_a_repeated_option_is_an_error(tmp_path, capsys):
     for i, loss in enumerate([2.918, 2.919]):
         write_log(tmp_path / f"a{i}.txt", loss, 1000, steps=4)
