@@ -21,7 +21,8 @@ train_gpt.py you started from, on the same machine and preset: useful where the 
 runs; the report then adds their losses and basic stats and a one-sided Welch two-sample t-test of H1
 "mean < baseline mean" (variances not assumed equal): the difference of the means, t, the degrees of
 freedom and p. The threshold test and the record verdict are unchanged: the record rule is the threshold.
-A log given on both sides (or a copy of one on each side) is an error.
+A log given on both sides (or a copy of one on each side) is an error, and so is an attempt run that repeats a
+baseline run's script, settings and seed (the attempt's copy of the script not edited yet).
 
 The runs of one test must come from one script and configuration: logs whose script text (the part
 above the first ==== line), run name (run_name=... in the header) or settings (the Hyperparameters(...)
@@ -213,15 +214,23 @@ def first_repeat(runs, key):
     return None
 
 
-def check_independent(runs):
+def check_independent(runs, baseline_runs=()):
     """Raises ValueError for two finished runs that are one run twice: a copied log (identical bytes, so also
     one identity), or the same script and settings run with the same seed. Either would count one result
-    twice: n too large, p too small. Unfinished runs do not count, so they are not checked."""
-    copy = first_repeat(runs, lambda run: run["digest"])
+    twice: n too large, p too small. Unfinished runs do not count, so they are not checked. With baseline_runs,
+    also across the two sides, where one seed of one script and settings on both means the attempt is the baseline."""
+    runs, baseline_runs = list(runs), list(baseline_runs)
+    copy = first_repeat(runs + baseline_runs, lambda run: run["digest"])
     if copy:
         raise ValueError(f"{copy[0]['path']} and {copy[1]['path']} have identical content: one run under two "
                          f"names would be counted twice. Keep one of them (delete or move the copy).")
-    same_seed = first_repeat(runs, lambda run: run["seed"])
+    same_seed = first_repeat(runs + baseline_runs, lambda run: run["seed"])
+    if same_seed and same_seed[0] in runs and same_seed[1] in baseline_runs:
+        first, second = same_seed  # the README's CPU trial run before the copy was edited
+        raise ValueError(f"the attempt's script and settings are identical to the baseline's: {first['path']} and "
+                         f"{second['path']} ran one script with the same settings and seed={first['seed']}, so the "
+                         f"attempt would be compared with itself. Edit the attempt's copy of the script (or its "
+                         f"flags), then run the attempt again.")
     if same_seed:
         first, second = same_seed
         raise ValueError(f"{first['path']} and {second['path']} both ran seed={first['seed']} with one script and "
@@ -375,7 +384,7 @@ def main(argv=None):
     or_exit(parser, "--baseline: ", check_apart, logs, baseline_logs)
     runs = or_exit(parser, "", read_runs, args.logs, args.allow_mixed)
     baseline_runs = or_exit(parser, "--baseline: ", read_runs, baseline, args.allow_mixed)
-    or_exit(parser, "--baseline: ", check_independent, runs + baseline_runs)  # a copy of a log on each side
+    or_exit(parser, "--baseline: ", check_independent, runs, baseline_runs)  # a copy of a log on each side
     losses, times = finished_sample(parser, runs, "attempt")
     baseline_losses = finished_sample(parser, baseline_runs, "baseline")[0] if args.baseline else None
     test = or_exit(parser, "", one_sided_ttest, losses, args.threshold, args.alpha)

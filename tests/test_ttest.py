@@ -339,6 +339,26 @@ def test_baseline_welch_test_matches_the_textbook_formula(attempt_and_baseline, 
     assert "'decision': 'FAIL TO REJECT H0'" in swapped
 
 
+def test_an_attempt_identical_to_its_baseline_is_named_as_such(tmp_path, capsys):
+    """records/README.md's CPU trial run before the copy was edited: one script, settings and seeds on both sides."""
+    for side in ("my-idea", "baseline"):
+        (tmp_path / side).mkdir()
+        for seed, loss in [(1, 7.81), (2, 7.83)]:
+            write_log(tmp_path / side / f"s{seed}.txt", loss + (side == "baseline") * 0.001, 60_000, steps=4,
+                      run_name="gpt_tiny", settings=f"seed={seed}, log_dir='logs/{side}'")
+    assert_user_error(capsys, ttest.main, [str(tmp_path / "my-idea"), "--baseline", str(tmp_path / "baseline")],
+                      r"--baseline: the attempt's script and settings are identical to the baseline's: \S*my-idea/s1.txt "
+                      r"and \S*baseline/s1.txt ran one script with the same settings and seed=1, so the attempt would "
+                      r"be compared with itself. Edit the attempt's copy of the script")
+    with pytest.raises(SystemExit):
+        ttest.main([str(tmp_path / "my-idea"), "--baseline", str(tmp_path / "baseline")])
+    assert "Run distinct seeds" not in capsys.readouterr().err  # the seeds are distinct within each side
+    write_log(tmp_path / "my-idea" / "s2.txt", 7.8, 60_000, steps=4, run_name="gpt_tiny",
+              settings="seed=1, log_dir='logs/my-idea'")  # one seed twice within the attempt: still that error
+    assert_user_error(capsys, ttest.main, [str(tmp_path / "my-idea"), "--baseline", str(tmp_path / "baseline")],
+                      r"my-idea/s1.txt and \S*my-idea/s2.txt both ran seed=1 .* Run distinct seeds")
+
+
 def test_baseline_errors_come_before_any_statistics(attempt_and_baseline, capsys):
     attempt, baseline = attempt_and_baseline
     write_log(attempt / "crashed.txt", steps=4, last_step=2, run_name="gpt_tiny_attempt")
