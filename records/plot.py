@@ -5,6 +5,8 @@
 
 Each directory is one attempt (its *.txt logs); log files given one by one are grouped into attempts by
 script text, run name and settings, as ttest.py tells runs apart. --baseline names one more attempt, drawn in black.
+As in ttest.py, a log counts once: one in two attempts (a folder and one of its logs), on both sides, or copied
+under two names, and two runs of one script, settings and seed, are errors.
 
 Writes one PNG: val loss against training time (minutes) and against step, the full run on top and the last
 20% of training below, one colour per attempt: every run a thin line, the mean of its finished runs a thick
@@ -51,11 +53,28 @@ def load_attempts(paths, baseline=None, allow_mixed=False):
             attempts.append({"label": label, "runs": runs, "baseline": False})
     if baseline:
         attempts.append({"label": "baseline", "runs": ttest.read_runs(baseline, allow_mixed), "baseline": True})
+    check_counted_once(attempts)
     for attempt in attempts:
         if not any(run["evals"] for run in attempt["runs"]):
             raise ValueError(f"attempt {attempt['label']}: no log has an evaluation line "
                              f"(step:S/T val_loss:L train_time:Xms step_avg:Yms); are these training logs?")
     return attempts
+
+
+def check_counted_once(attempts):
+    """As ttest.py: a log in one attempt only (a folder and one of its logs, or the same logs as the baseline, would
+    draw a run twice) and no run twice (a copied log, or one seed of one script and settings)."""
+    sides = [[run for attempt in attempts if attempt["baseline"] == side for run in attempt["runs"]]
+             for side in (False, True)]
+    ttest.check_apart([run["path"] for run in sides[0]], [run["path"] for run in sides[1]])
+    owner = {}
+    for attempt in attempts:
+        for run in attempt["runs"]:
+            other = owner.setdefault(run["path"].resolve(), attempt)
+            if other is not attempt:
+                raise ValueError(f"{run['path']} is in two attempts ({other['label']} and {attempt['label']}): give "
+                                 f"each log once")
+    ttest.check_independent(*sides)
 
 
 def finished(run):

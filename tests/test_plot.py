@@ -224,6 +224,22 @@ def test_a_default_out_inside_records_is_refused(logs, tmp_path, capsys, monkeyp
     assert (tmp_path / "given.png").is_file()
 
 
+def test_a_run_drawn_twice_is_refused_as_ttest_refuses_it(logs, tmp_path, capsys):
+    ours, public = logs
+    out = ["--out", str(tmp_path / "x.png")]
+    for argv, message in [
+            ([ours, "--baseline", ours], r"\S*gpt_0.txt is given both as an attempt log and as a baseline log"),
+            ([ours, public, "--baseline", public / "public_1.txt"], r"public_1.txt is given both as an attempt log"),
+            ([ours, ours / "gpt_2.txt"], r"\S*gpt_2.txt is in two attempts \(my-idea and gpt \[\w{8}\]\): give each "
+                                         r"log once"),
+            ([ours, ours], r"\S*gpt_0.txt is in two attempts \(my-idea and my-idea\)")]:
+        assert_user_error(capsys, plot.main, [*map(str, argv), *out], message)
+    (public / "copy.txt").write_bytes((ours / "gpt_1.txt").read_bytes())  # one run in two attempts under two names
+    assert_user_error(capsys, plot.main, [str(ours), str(public), "--allow_mixed", *out],
+                      r"gpt_1.txt and \S*copy.txt have identical content")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_table_flags_run_times_of_mixed_hardware(logs):
     ours, _ = logs
     row = plot.summary(plot.load_attempts([ours])[0], 2.92)
