@@ -714,17 +714,20 @@ def use_synthetic_data(args, rank, world_size):
             raise UserError(f"no shards at {DEFAULT_FILES[0]!r} and no data/synthetic.py to write a synthetic set: run "
                             f"from the repository root, or {FETCH_HINT}")
         partial = f"{SYNTHETIC_DIR}.partial{os.getpid()}"  # renamed when complete: an interrupted write leaves no set
-        result = subprocess.run([*command[:3], partial, *command[4:]], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise UserError(f"writing the synthetic set failed ({' '.join(command[1:])}): {result.stderr.strip()[-500:]}")
         try:
-            os.rename(partial, SYNTHETIC_DIR)  # fails where the folder is there (and not empty)
-        except OSError:
-            if complete():  # runs started side by side: another one finished the same set first and may read it
-                shutil.rmtree(partial)
-            else:  # an incomplete or damaged set, left by hand: the same seed writes the same set again
-                shutil.rmtree(SYNTHETIC_DIR)
-                os.rename(partial, SYNTHETIC_DIR)
+            result = subprocess.run([*command[:3], partial, *command[4:]], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise UserError(f"writing the synthetic set failed ({' '.join(command[1:])}): "
+                                f"{result.stderr.strip()[-500:]}")
+            try:
+                os.rename(partial, SYNTHETIC_DIR)  # fails where the folder is there (and not empty)
+            except OSError:
+                if not complete():  # an incomplete or damaged set, left by hand: the same seed writes the same set
+                    shutil.rmtree(SYNTHETIC_DIR)
+                    os.rename(partial, SYNTHETIC_DIR)
+                # else runs started side by side: another one finished the same set first and may read it
+        finally:  # failed, interrupted (Ctrl-C, SIGTERM: subprocess.run has stopped the writer) or not needed
+            shutil.rmtree(partial, ignore_errors=True)
     if world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's shards
     return (f"no FineWeb shards at {DEFAULT_FILES[0]}: training on the synthetic set {SYNTHETIC_DIR}/ "
@@ -1062,6 +1065,7 @@ def throughput_line(steps_done, training_time_ms, total_flops, step_tokens, peak
 
 class Logger:
     """Rank 0 writes logs/<run_id>.txt line by line (flushed) and echoes to stdout; other ranks stay quiet."""
+    opened = None  # the path of this process's run log once open: an interruption says whether a log is kept
 
     def __init__(self, args, is_master):
         self.file = None
@@ -1073,6 +1077,7 @@ class Logger:
             try:
                 os.makedirs(args.log_dir, exist_ok=True)
                 self.file = open(self.path, "w")
+                Logger.opened = self.path
             except OSError as error:
                 raise UserError(f"cannot write the run log {self.path!r} ({error.strerror}): choose a writable "
                                 "--log_dir (logs and checkpoints go there)") from None
@@ -1327,6 +1332,7 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, no traceback
         if int(os.environ.get("RANK", "0")) == 0:
-            print("train_gpt.py: interrupted: the log so far is kept in --log_dir (records/ttest.py lists it as an "
-                  "unfinished run)", file=sys.stderr)
+            kept = (f"the log so far is kept in {Logger.opened} (records/ttest.py lists it as an unfinished run)"
+                    if Logger.opened else "no log was written yet (the run stopped before opening it)")
+            print(f"train_gpt.py: interrupted: {kept}", file=sys.stderr)
         sys.exit(130)

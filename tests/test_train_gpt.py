@@ -280,6 +280,30 @@ def test_an_incomplete_synthetic_set_is_written_again_not_used(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py", "synthetic_tiny"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_while_writing_the_synthetic_set_says_no_log_and_leaves_no_partial_set(tmp_path, sig):
+    (tmp_path / "data").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "train_gpt.py")
+    (tmp_path / "data" / "synthetic.py").write_text(  # a writer that starts its folder, then takes long
+        "import pathlib, sys, time\npathlib.Path(sys.argv[2], 'synthetic_val_000000.bin').parent.mkdir()\n"
+        "pathlib.Path(sys.argv[2], 'synthetic_val_000000.bin').write_text('')\nprint('writing', flush=True)\n"
+        "pathlib.Path('started').touch()\ntime.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "train_gpt.py", "--preset=tiny"], cwd=tmp_path, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sig == signal.SIGINT:  # Ctrl-C: the terminal's whole process group, the writer too
+        os.killpg(process.pid, sig)
+    else:  # `timeout`, `kill`: the run only
+        process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr == "train_gpt.py: interrupted: no log was written yet (the run stopped before opening it)\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic.py"]  # no partial set left
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_file_where_the_synthetic_set_goes_is_one_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -1145,5 +1169,7 @@ def test_ctrl_c_ends_the_run_with_one_line_and_keeps_the_log(tiny_data, tmp_path
     args = tiny_args(tiny_data, f"--log_dir={tmp_path}/logs", steps=1000, train_dir=tmp_path)
     code, stderr = interrupt_when([sys.executable, str(SCRIPT), *args], "step:1/", tmp_path, sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith("train_gpt.py: interrupted: the log so far is kept")
+    log = next((tmp_path / "logs").glob("*.txt"))
+    assert stderr.strip().splitlines()[-1] == (f"train_gpt.py: interrupted: the log so far is kept in {log} "
+                                               "(records/ttest.py lists it as an unfinished run)")
     assert "step:1/" in read_log(tmp_path)
