@@ -19,13 +19,16 @@ Local input:
 Output: <out>/fineweb_val_000000.bin holds the first --val_tokens tokens of the stream, then
 <out>/fineweb_train_000001.bin, 000002, ... hold --shard_tokens tokens each (the last one may be
 shorter). A document can straddle two shards, as in the public set. The shards are written into
-<out>.partial<pid> next to <out> and moved into <out> once all are written: a failed run leaves none.
+<out>.partial<pid> next to <out> and moved into <out> once all are written: a failed run leaves none, nor does
+one interrupted by Ctrl-C or SIGTERM (`timeout`, `kill`), which ends with one line, exit code 130.
 """
 
 import argparse
 import json
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +214,17 @@ def shard_path(out_dir, index):
     return Path(out_dir) / f"fineweb_{split}_{index:06d}.bin"
 
 
+def start_pool(Pool, workers):
+    """A pool of tokenisers that ignore Ctrl-C and die on SIGTERM (set before the fork, so no worker starts
+    without them): the parent alone handles both, with one message, and stops them."""
+    handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return Pool(workers, initializer=_load_encoding)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
 def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_shards=None, workers=None,
                        expected_tokens=None):
     """Tokenise documents in parallel and write shard 0 (val, val_tokens) then train shards of shard_tokens.
@@ -221,6 +235,9 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
         raise ValueError(f"--val_tokens and --shard_tokens must be positive, got {val_tokens} and {shard_tokens}")
     if max_train_shards is not None and max_train_shards < 1:
         raise ValueError(f"--max_train_shards must be at least 1, got {max_train_shards}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers} (leave it out to use all "
+                         f"{os.cpu_count()} cores)")
     from multiprocessing import Pool
     from tqdm import tqdm
 
@@ -241,7 +258,7 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     written = []
     workers = workers or os.cpu_count() or 1
     try:
-        with Pool(workers, initializer=_load_encoding) as pool, \
+        with start_pool(Pool, workers) as pool, \
                 tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
 
             def tokenized():
@@ -294,7 +311,7 @@ def main(argv=None):
     parser.add_argument("--max_train_shards", "--max-train-shards", action=Once, type=int, default=None,
                         help="stop after this many train shards (default: tokenise all input)")
     parser.add_argument("--workers", action=Once, type=int, default=None,
-                        help="tokeniser processes (default: all cores)")
+                        help="tokeniser processes, at least 1 (default: all cores)")
     parser.add_argument("--hf_dataset", "--hf-dataset", action=Once, default="HuggingFaceFW/fineweb")
     parser.add_argument("--hf_name", "--hf-name", action=Once, default="sample-10BT",
                         help="dataset config on the hub")
@@ -311,8 +328,16 @@ def main(argv=None):
                                      args.max_train_shards, args.workers, expected)
     except ValueError as e:
         parser.error(str(e))  # one message, exit code 2
+    except KeyboardInterrupt:  # the user's choice, not a crash: one line (the partial folder is already removed)
+        print(f"\nfineweb.py: interrupted: no shards were written to {args.out}", file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {len(written)} shards to {args.out}: {written[0].name} ... {written[-1].name}")
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `timeout` and `kill`: as Ctrl-C, the partial folder removed
     main()

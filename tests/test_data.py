@@ -1,6 +1,13 @@
 """data/: shard format round trip, corruption reports, local tokenisation, download helper."""
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,6 +293,40 @@ def test_options_take_both_spellings(tmp_path):
     main(["--input", docs, "--out", str(tmp_path / "o"), "--val-tokens", "5", "--shard-tokens", "1000",
           "--max-train-shards", "1", "--workers", "1"])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout` and `kill`
+def test_an_interrupted_run_leaves_no_partial_folder_and_prints_one_line(tmp_path, sig):
+    """The input is a pipe that this test feeds: the run is surely tokenising (its partial folder there) when the
+    signal comes, however fast the machine."""
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    script = Path(__file__).resolve().parents[1] / "data" / "fineweb.py"
+    process = subprocess.Popen([sys.executable, str(script), "--input", str(fifo), "--out", str(tmp_path / "o"),
+                                "--val_tokens", "5", "--shard_tokens", "100", "--workers", "2"],
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open(fifo, "w") as feed:  # opens once the run reads it: after it made its partial folder and its pool
+        feed.write("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS * 20))
+        feed.flush()
+        assert list(tmp_path.glob("o.partial*"))
+        if sig == signal.SIGINT:  # Ctrl-C: the terminal's whole process group, the tokenisers too
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        time.sleep(0.5)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.rstrip().splitlines()[-1] == f"fineweb.py: interrupted: no shards were written to {tmp_path}/o"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_workers_below_one_is_an_error_naming_the_flag(tmp_path, capsys):
+    from data.fineweb import main
+    docs = str(_write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS))
+    for workers in ("0", "-1"):  # 0 used all cores silently, -1 was multiprocessing's error without the flag
+        assert_user_error(capsys, main, ["--input", docs, "--out", str(tmp_path / "o"), "--workers", workers],
+                          rf"--workers must be at least 1, got {workers} \(leave it out to use all \d+ cores\)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
 # ---- Download helper (the hub client is replaced by a fake: no network here) ----
