@@ -121,6 +121,10 @@ if [[ -f "$SCRIPT" ]]; then
     SCRIPT_PATH="$(cd "$(dirname "$SCRIPT")" && pwd)/$(basename "$SCRIPT")"
 elif [[ "$SCRIPT" != /* && -f "$REPO_ROOT/$SCRIPT" ]]; then
     SCRIPT_PATH="$REPO_ROOT/$SCRIPT"
+elif [[ "$SCRIPT" == /* ]]; then
+    die "training script '$SCRIPT' not found"
+elif [[ "$PWD" == "$REPO_ROOT" ]]; then
+    die "training script '$SCRIPT' not found (looked in $PWD)"
 else
     die "training script '$SCRIPT' not found (looked in $PWD and $REPO_ROOT)"
 fi

@@ -133,6 +133,10 @@ class LossNotFinite(UserError):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of a usage dump of every option
+        extra = message.split(" ")[2:] if message.startswith("unrecognized arguments: ") else []
+        if any(os.path.exists(arg) for arg in extra):  # an unquoted --train_files 'dir/*.bin', expanded by the shell
+            message += ("; these are files: quote a glob pattern so that the shell passes it whole, e.g. "
+                        "--train_files 'data/fineweb10B/fineweb_train_*.bin'")
         raise UserError(message)
 
 
@@ -207,6 +211,8 @@ def check_config(args, world_size):
                  if math.isfinite(getattr(args, name)) and not holds(getattr(args, name))]
     if args.seed >= 2 ** 63:  # torch seeds are 64-bit; rank r seeds its warm-up batches with seed + r
         problems.append(f"seed={args.seed} must be below 2**63 (or -1: a fresh seed per run)")
+    if not args.log_dir:
+        problems.append("log_dir='' is empty: give the folder for the run logs (default: logs)")
     if os.sep in args.run_name or (os.altsep and os.altsep in args.run_name):
         problems.append(f"run_name={args.run_name!r} names a file in log_dir and cannot hold a path separator: "
                         "put folders into --log_dir")

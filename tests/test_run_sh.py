@@ -179,9 +179,14 @@ def test_copied_script_from_any_directory(repo, tmp_path):
     assert torchrun_args(result)[2:] == [str(repo.root / "oocl.py")] and "cached_fineweb10B" not in result.stdout
 
 
-def test_missing_script_is_a_clear_error(repo):
-    result = repo.run("records/nope/train_gpt.py")
-    assert result.returncode != 0 and "training script 'records/nope/train_gpt.py' not found" in result.stderr
+def test_missing_script_is_a_clear_error(repo, tmp_path):
+    result = repo.run("records/nope/train_gpt.py", cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.endswith(
+        f"training script 'records/nope/train_gpt.py' not found (looked in {tmp_path} and {repo.root})\n")
+    result = repo.run("nope.py")  # from the repository root: one folder, named once
+    assert result.returncode != 0 and result.stderr.endswith(f"training script 'nope.py' not found (looked in {repo.root})\n")
+    result = repo.run(str(tmp_path / "nope.py"))
+    assert result.returncode != 0 and result.stderr.endswith(f"training script '{tmp_path}/nope.py' not found\n")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["-h"], ["records/x/train_gpt.py", "--seed=1", "--help"]])

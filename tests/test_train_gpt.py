@@ -451,6 +451,25 @@ def test_parse_args_forms_and_errors():
             tg.parse_args(argv)
 
 
+def test_an_unquoted_glob_expanded_by_the_shell_gets_a_hint_to_quote_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a_000001.bin", "a_000002.bin"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(tg.UserError, match=re.escape(
+            "unrecognized arguments: a_000002.bin; these are files: quote a glob pattern so that the shell passes it "
+            "whole, e.g. --train_files 'data/fineweb10B/fineweb_train_*.bin'")):
+        tg.parse_args(["--train_files", "a_000001.bin", "a_000002.bin"])  # --train_files a_*.bin, unquoted
+    with pytest.raises(tg.UserError) as error:
+        tg.parse_args(["--nope", "x"])
+    assert str(error.value) == "unrecognized arguments: --nope x"  # no hint where no file is named
+
+
+def test_an_empty_log_dir_is_named(tmp_path):
+    with pytest.raises(tg.UserError, match=re.escape("log_dir='' is empty: give the folder for the run logs "
+                                                     "(default: logs)")):
+        tg.check_config(tg.parse_args(["--log_dir="]), 1)
+
+
 def test_command_line_help_and_errors(tmp_path):
     result = run_script(["--help"], tmp_path)
     for field in tg.dataclasses.fields(tg.Hyperparameters):
