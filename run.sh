@@ -157,7 +157,8 @@ fi
 # here, before a download of minutes and a launch. A dry run checks them where torch imports.
 WORLD=$((NPROC * ${NNODES:-1}))
 HAS_TORCH="import importlib.util as u; exit(not (u.find_spec('torch') and u.find_spec('numpy')))"  # not imported
-if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]]; then
+# (a copy made before the check existed would start training here instead: it is launched unchecked)
+if [[ "$(basename "$SCRIPT_PATH")" == train_gpt.py ]] && grep -q TRAIN_GPT_CHECK_ONLY "$SCRIPT_PATH"; then
     if [[ "$DRY_RUN" == 1 ]] && ! "$PYTHON" -c "$HAS_TORCH" >/dev/null 2>&1; then
         echo "run.sh: note: $PYTHON cannot import torch and numpy here: this dry run does not check the flags" >&2
     elif ! (cd "$REPO_ROOT" && TRAIN_GPT_CHECK_ONLY=1 WORLD_SIZE=$WORLD RANK=0 "$PYTHON" "$SCRIPT_PATH" "$@"); then

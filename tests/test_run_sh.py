@@ -24,6 +24,9 @@ if [[ "$1 $2" == "-m pip" ]]; then touch "$INSTALLED"; fi
 """
 
 
+STUB_TRAIN_GPT = "# checks its flags and exits when TRAIN_GPT_CHECK_ONLY=1\n"  # what run.sh looks for before it asks
+
+
 def _executable(path, text):
     path.write_text(text)
     path.chmod(0o755)
@@ -36,8 +39,9 @@ def repo(tmp_path):
     root = tmp_path / "repo"
     (root / "data").mkdir(parents=True)
     shutil.copy(RUN_SH, root / "run.sh")
-    for name in ("train_gpt.py", "oocl.py", "requirements.txt", "data/cached_fineweb10B.py"):
+    for name in ("oocl.py", "requirements.txt", "data/cached_fineweb10B.py"):
         (root / name).write_text("")
+    (root / "train_gpt.py").write_text(STUB_TRAIN_GPT)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "torchrun", '#!/usr/bin/env bash\necho "torchrun $*" >> "$CALLS"\n')
@@ -263,6 +267,12 @@ def test_fresh_node_installs_fetches_and_launches(repo):
     repo.run("oocl.py", dry_run=False)
     assert repo.calls()[6:] == ["python -c import torch, numpy, tiktoken, triton, huggingface_hub",
                                 f"torchrun --standalone --nproc_per_node=4 {repo.root}/oocl.py"]
+    # A copy made before the check existed would train in it (one process, no torchrun): it is launched unchecked.
+    (repo.root / "train_gpt.py").write_text("")
+    repo.run("--seed=2", dry_run=False, NPROC="2", FINEWEB_TRAIN_SHARDS="3")
+    assert repo.calls()[8:] == ["python -c import torch, numpy, tiktoken, triton, huggingface_hub",
+                                f"python {repo.root}/data/cached_fineweb10B.py 3",
+                                f"torchrun --standalone --nproc_per_node=2 {repo.root}/train_gpt.py --seed=2"]
 
 
 def test_the_launch_runs_in_the_repository_root(repo, tmp_path):
