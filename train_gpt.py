@@ -209,8 +209,9 @@ def check_config(args, world_size):
                 dataclasses.fields(args) if field.type is float and not math.isfinite(getattr(args, field.name))]
     problems += [f"{name}={getattr(args, name)} must be {rule}" for (rule, holds), names in bounds for name in names
                  if math.isfinite(getattr(args, name)) and not holds(getattr(args, name))]
-    if args.seed >= 2 ** 63:  # torch seeds are 64-bit; rank r seeds its warm-up batches with seed + r
-        problems.append(f"seed={args.seed} must be below 2**63 (or -1: a fresh seed per run)")
+    if args.seed + world_size > 2 ** 64:  # torch seeds are unsigned 64-bit; rank r seeds its warm-up batches seed + r
+        problems.append(f"seed={args.seed} must be at most 2**64 - {world_size} (the processes' seeds are seed + rank; "
+                        f"or -1: a fresh seed per run)")
     if not args.log_dir:
         problems.append("log_dir='' is empty: give the folder for the run logs (default: logs)")
     if os.sep in args.run_name or (os.altsep and os.altsep in args.run_name):

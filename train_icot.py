@@ -1476,7 +1476,7 @@ def build_stage_model(kind, hp, layout, data=None):
         if differ:  # couple's sizes are the emulator's, whatever the flags say
             die(f"{mindread_path} and {emulator_path} were trained with other sizes ({', '.join(differ)}): train "
                 f"both with the same ones")
-        if mindread.teacher_run != emulator.teacher_run:
+        if None not in (mindread.teacher_run, emulator.teacher_run) and mindread.teacher_run != emulator.teacher_run:
             die(f"{mindread_path} and {emulator_path} were trained against different teachers (runs "
                 f"{mindread.teacher_run} and {emulator.teacher_run}): train both against the same one")
         architecture = dataclasses.replace(hp, **emulator.config)  # e.g. its mixture components, not the flags'
@@ -1585,7 +1585,8 @@ def generate_data(hp):
         return
     if (hp.train_file, hp.val_file) != (os.path.join(hp.data_dir, "train.txt"), os.path.join(hp.data_dir, "valid.txt")):
         die(f"missing data file among {files}; only the default files in --data_dir are generated")
-    present = [f for f in files if os.path.isfile(f)]
+    present = [f for f in files if os.path.isfile(f)  # not a --test_file elsewhere
+               and os.path.abspath(os.path.dirname(f)) == os.path.abspath(hp.data_dir)]
     if present:  # generating writes every split: it would overwrite a user's own files
         missing = [f for f in files if f not in present]
         die(f"{hp.data_dir} has {', '.join(present)} but not {', '.join(missing)}: the default files are generated "
@@ -1673,8 +1674,10 @@ def run_all(hp, argv):
     train_set, val_set = load_training_data(hp)
     schedule = stepwise_schedule(hp, train_set.layout, len(train_set.tokens))
     if "stepwise" in hp.stages and max(schedule) >= hp.stepwise_max_steps:  # `all` has no --resume to go on
+        faster = "--stepwise_remove_per_epoch or " if min(schedule.keys() - {0}, default=1) > 1 else ""  # 1: no faster
         die(f"the stepwise schedule removes its last CoT tokens at step {max(schedule)}, but --stepwise_max_steps="
-            f"{hp.stepwise_max_steps} ends the stage before: raise --stepwise_max_steps or --stepwise_remove_per_epoch")
+            f"{hp.stepwise_max_steps} ends the stage before: raise --stepwise_max_steps, or remove faster ({faster}"
+            f"--stepwise_remove, the tokens of an increment)")
     sets = {name: load_dataset(path) for name, path in report_sets(hp)}
     sets["train"] = load_dataset(hp.train_file, hp.train_eval_lines)
     rows, steps_of = [], {}

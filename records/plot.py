@@ -63,7 +63,8 @@ def load_attempts(paths, baseline=None, allow_mixed=False):
 
 def check_counted_once(attempts):
     """As ttest.py: a log in one attempt only (a folder and one of its logs, or the same logs as the baseline, would
-    draw a run twice) and no run twice (a copied log, or one seed of one script and settings)."""
+    draw a run twice) and no copied log anywhere (ttest.read_runs refuses one seed twice within an attempt, whose
+    mean would count one run twice). Two attempts may share a seed: the same script on other hardware, say."""
     sides = [[run for attempt in attempts if attempt["baseline"] == side for run in attempt["runs"]]
              for side in (False, True)]
     ttest.check_apart([run["path"] for run in sides[0]], [run["path"] for run in sides[1]])
@@ -74,7 +75,10 @@ def check_counted_once(attempts):
             if other is not attempt:
                 raise ValueError(f"{run['path']} is in two attempts ({other['label']} and {attempt['label']}): give "
                                  f"each log once")
-    ttest.check_independent(*sides)
+    copy = ttest.first_repeat(sides[0] + sides[1], lambda run: run["digest"])
+    if copy:
+        raise ValueError(f"{copy[0]['path']} and {copy[1]['path']} have identical content: one run under two names "
+                         f"would be drawn twice. Keep one of them (delete or move the copy).")
 
 
 def finished(run):

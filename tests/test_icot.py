@@ -846,6 +846,12 @@ def test_a_student_is_used_only_with_the_teacher_it_was_trained_against(tmp_path
     with pytest.raises(SystemExit, match=r"mindread.pt and .*emulator.pt were trained against different teachers "
                                          r"\(runs run_a and run_b\)"):
         icot.build_stage_model("couple", hp, layout)
+    recorded = (tmp_path / "mindread.pt").read_bytes()
+    older = torch.load(tmp_path / "mindread.pt", weights_only=False)
+    del older["teacher_run"]  # saved before checkpoints recorded it: nothing to compare
+    torch.save(older, tmp_path / "mindread.pt")
+    assert icot.build_stage_model("couple", hp, layout).kind == "couple"
+    (tmp_path / "mindread.pt").write_bytes(recorded)
     icot.save_checkpoint(str(first), teacher, run_id="run_c")  # retrained in its place
     with pytest.raises(SystemExit, match=r"mindread.pt was trained against the teacher of run run_a, but .*teacher.pt "
                                          r"is now that of run run_c: give the teacher it was trained against"):
@@ -993,6 +999,10 @@ def test_a_data_folder_is_reused_only_with_the_settings_that_made_it(tmp_path, m
     with pytest.raises(SystemExit, match=rf"{data} has {data}/train.txt, {data}/valid.txt but not {data}/test.txt: "):
         icot.main(base + ["--train_lines=600"])
     assert (data / "train.txt").read_bytes() == kept and len(trained) == 4
+    own_test = write_problems(tmp_path / "own_test.txt", [(99, 98)])  # a test file elsewhere: the folder is generated
+    icot.main(base[:3] + flags(data_dir=tmp_path / "fresh", ckpt_dir=tmp_path / "ckpt", log_dir=tmp_path / "logs",
+                               test_file=own_test) + ["--train_lines=300"])
+    assert len(trained) == 5 and (tmp_path / "fresh" / "train.txt").is_file()
 
 
 def test_a_task_with_too_few_problems_for_its_splits_names_the_flags_to_change(tmp_path, monkeypatch):
@@ -1149,8 +1159,13 @@ def test_all_refuses_stages_it_cannot_finish_before_training(stand_in_all, tmp_p
                                              rf".pt is not there: add {missing} to --stages"):
             stand_in_all.run(stages=stages)
     token_a_step = {"stepwise_remove": 1, "stepwise_remove_per_epoch": 64}
-    with pytest.raises(SystemExit, match=r"removes its last CoT tokens at step 45, but --stepwise_max_steps=45 ends"):
+    with pytest.raises(SystemExit, match=r"removes its last CoT tokens at step 45, but --stepwise_max_steps=45 ends "
+                                         r"the stage before: raise --stepwise_max_steps, or remove faster "
+                                         r"\(--stepwise_remove, the tokens"):  # a token a step: the rate cannot help
         stand_in_all.run(stages=("teacher", "stepwise"), stepwise_max_steps=45, **token_a_step)
+    with pytest.raises(SystemExit, match=r"at step 90, .* remove faster \(--stepwise_remove_per_epoch or "):
+        stand_in_all.run(stages=("teacher", "stepwise"), stepwise_max_steps=45, stepwise_remove=1,
+                         stepwise_remove_per_epoch=0.5)  # a token every 2 steps (an epoch is 1 step)
     assert stand_in_all.given == {}
     stand_in_all.run(stages=("teacher", "stepwise"), stepwise_max_steps=46, **token_a_step)
     (tmp_path / "teacher.pt").touch()  # trained before: its own checks come when it is loaded

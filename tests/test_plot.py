@@ -238,6 +238,18 @@ def test_a_run_drawn_twice_is_refused_as_ttest_refuses_it(logs, tmp_path, capsys
     assert_user_error(capsys, plot.main, [str(ours), str(public), "--allow_mixed", *out],
                       r"gpt_1.txt and \S*copy.txt have identical content")
     assert not (tmp_path / "x.png").exists()
+    (public / "copy.txt").unlink()
+    seeds = [tmp_path / "one_gpu", tmp_path / "two_gpus"]  # one script, settings and seed on two set-ups: two attempts
+    for folder, hardware in zip(seeds, ("world_size:1 device:cpu", "world_size:2 device:cpu")):
+        folder.mkdir()
+        for i in range(2):
+            write_log(folder / f"gpt_{i}.txt", OURS[i], OURS_MS[i] + i, steps=STEPS, val_every=VAL_EVERY,
+                      settings=f"seed={i}", hardware=hardware, curve=curve(OURS[i]))
+    plot.main([*map(str, seeds), *out])
+    assert (tmp_path / "x.png").exists()
+    write_log(seeds[0] / "gpt_2.txt", OURS[2], OURS_MS[2], steps=STEPS, val_every=VAL_EVERY, settings="seed=0",
+              curve=curve(OURS[2]))  # within one attempt a seed twice would count one run twice in its mean
+    assert_user_error(capsys, plot.main, [*map(str, seeds), *out], r"both ran seed=0 with one script and settings")
 
 
 def test_table_flags_run_times_of_mixed_hardware(logs):

@@ -516,10 +516,12 @@ def test_check_config_rejects_impossible_settings():
     with pytest.raises(tg.UserError, match="eos_token=50304 must be a token id below vocab_size=50304"):
         tg.check_config(tg.Hyperparameters(eos_token=50304), 1)  # == vocab_size would turn document masking off
     # torch takes 64-bit seeds: a larger one failed after the log was opened
-    with pytest.raises(tg.UserError, match=r"seed=99999999999999999999 must be below 2\*\*63 \(or -1"):
+    with pytest.raises(tg.UserError, match=r"seed=99999999999999999999 must be at most 2\*\*64 - 1 \(the processes'"):
         tg.check_config(tg.parse_args(["--seed=99999999999999999999"]), 1)
-    tg.check_config(tg.Hyperparameters(seed=2 ** 63 - 1), 8)
-    torch.Generator().manual_seed(2 ** 63 - 1 + 7)  # the highest seed of rank 7's warm-up batches
+    with pytest.raises(tg.UserError, match=r"seed=18446744073709551609 must be at most 2\*\*64 - 8 "):
+        tg.check_config(tg.Hyperparameters(seed=2 ** 64 - 7), 8)  # rank 7 would seed with 2**64
+    tg.check_config(tg.Hyperparameters(seed=2 ** 64 - 8), 8)
+    torch.Generator().manual_seed(2 ** 64 - 8 + 7)  # the highest seed of rank 7's warm-up batches: torch takes it
 
 
 def test_shard_patterns_that_match_a_folder_or_overlap_are_one_error(tiny_data, tmp_path):
