@@ -6,7 +6,7 @@
 Each directory is one attempt (its *.txt logs); log files given one by one are grouped into attempts by
 script text, run name and settings, as ttest.py tells runs apart. --baseline names one more attempt, drawn in black.
 As in ttest.py, a log counts once: one in two attempts (a folder and one of its logs), on both sides, or copied
-under two names, and two runs of one script, settings and seed, are errors.
+under two names, and two runs of one script, settings and seed within an attempt, are errors.
 
 Writes one PNG: val loss against training time (minutes) and against step, the full run on top and the last
 20% of training below, one colour per attempt: every run a thin line, the mean of its finished runs a thick
