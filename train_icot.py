@@ -1672,10 +1672,10 @@ def run_all(hp, argv):
             if need not in hp.stages and not os.path.isfile(path):
                 die(f"--stages has {kind} but not {need}, and {path} is not there: add {need} to --stages")
     train_set, val_set = load_training_data(hp)
-    schedule = stepwise_schedule(hp, train_set.layout, len(train_set.tokens))
-    if "stepwise" in hp.stages and max(schedule) >= hp.stepwise_max_steps:  # `all` has no --resume to go on
-        faster = "--stepwise_remove_per_epoch or " if min(schedule.keys() - {0}, default=1) > 1 else ""  # 1: no faster
-        die(f"the stepwise schedule removes its last CoT tokens at step {max(schedule)}, but --stepwise_max_steps="
+    starts = sorted(stepwise_schedule(hp, train_set.layout, len(train_set.tokens)))  # of the increments
+    if "stepwise" in hp.stages and starts[-1] >= hp.stepwise_max_steps:  # `all` has no --resume to go on
+        faster = "--stepwise_remove_per_epoch or " if starts[1:2] > [1] else ""  # a step apart: the rate cannot help
+        die(f"the stepwise schedule removes its last CoT tokens at step {starts[-1]}, but --stepwise_max_steps="
             f"{hp.stepwise_max_steps} ends the stage before: raise --stepwise_max_steps, or remove faster ({faster}"
             f"--stepwise_remove, the tokens of an increment)")
     sets = {name: load_dataset(path) for name, path in report_sets(hp)}
@@ -1800,19 +1800,22 @@ def check_defaults_outside_records(hp):
     while not os.path.isdir(os.path.join(root, "records")) and os.path.dirname(root) != root:
         root = os.path.dirname(root)
     records = os.path.join(root, "records")
-    defaults = [name for name in ("data_dir", "ckpt_dir", "log_dir") if getattr(hp, name) == getattr(Hyperparameters(),
-                name) and os.path.commonpath([os.path.realpath(os.getcwd()), records]) == records]
-    if defaults and os.path.isdir(records):
+    if not os.path.isdir(records) or os.path.commonpath([os.path.realpath(os.getcwd()), records]) != records:
+        return
+    fresh = Hyperparameters()
+    defaults = [name for name in ("data_dir", "ckpt_dir", "log_dir") if getattr(hp, name) == getattr(fresh, name)]
+    if defaults:
         die(f"run from the repository root ({root}), not from inside its records/: the default "
             f"{', '.join(f'--{name}' for name in defaults)} would write there (or give each of them)")
 
 
 def main(argv):
     command, hp, positional = parse_args(argv)
-    if command not in ("eval", "predict"):
-        check_defaults_outside_records(hp)
+    writes = command not in ("eval", "predict")
+    if writes:
+        check_defaults_outside_records(hp)  # before resolve_paths fills in the defaults
     resolve_paths(hp)
-    if command not in ("eval", "predict"):  # an unwritable output is reported before any training
+    if writes:  # an unwritable output is reported before any training
         check_writable(hp.log_dir, "log_dir")
         check_writable(hp.ckpt_dir, "ckpt_dir")
     if DEVICE.type == "cpu":
