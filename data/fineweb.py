@@ -24,7 +24,10 @@ one interrupted by Ctrl-C or SIGTERM (`timeout`, `kill`), which ends with one li
 """
 
 import argparse
+import contextlib
+import ctypes
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -214,15 +217,45 @@ def shard_path(out_dir, index):
     return Path(out_dir) / f"fineweb_{split}_{index:06d}.bin"
 
 
-def start_pool(Pool, workers):
+def _prctl():
+    """Linux's prctl, or None."""
+    try:
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _start_tokeniser():
+    """A pool worker dies with the process that made it (Linux's PR_SET_PDEATHSIG): after an interrupt the parent
+    exits without stopping the pool, and a worker it killed would be replaced by the pool's worker handler."""
+    if _prctl():
+        _prctl()(1, signal.SIGKILL)
+    _load_encoding()
+
+
+@contextlib.contextmanager
+def tokenisers(workers):
     """A pool of tokenisers that ignore Ctrl-C and die on SIGTERM (set before the fork, so no worker starts
-    without them): the parent alone handles both, with one message, and stops them."""
+    without them): the parent alone handles both, with one message. After an interrupt the pool is not
+    terminate()d: that joins the pool's threads, and the interrupt may have come while this thread held one of their
+    locks (a hang seen once in CI); main() leaves with os._exit, and the workers die with it."""
     handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        return Pool(workers, initializer=_load_encoding)
+        pool = multiprocessing.Pool(workers, initializer=_start_tokeniser)
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
+    try:
+        yield pool
+    except KeyboardInterrupt:
+        if not _prctl():  # elsewhere: kill them (a replacement the pool starts meanwhile may outlive the parent)
+            for worker in multiprocessing.active_children():
+                worker.kill()
+        raise
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.terminate()
 
 
 def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_shards=None, workers=None,
@@ -238,7 +271,6 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers} (leave it out to use all "
                          f"{os.cpu_count()} cores)")
-    from multiprocessing import Pool
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -258,7 +290,7 @@ def tokenize_to_shards(documents, out_dir, val_tokens, shard_tokens, max_train_s
     written = []
     workers = workers or os.cpu_count() or 1
     try:
-        with start_pool(Pool, workers) as pool, \
+        with tokenisers(workers) as pool, \
                 tqdm(total=expected_tokens, unit="tok", unit_scale=True, desc="tokenising") as progress:
 
             def tokenized():
@@ -329,8 +361,8 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))  # one message, exit code 2
     except KeyboardInterrupt:  # the user's choice, not a crash: one line (the partial folder is already removed)
-        print(f"\nfineweb.py: interrupted: no shards were written to {args.out}", file=sys.stderr)
-        sys.exit(130)
+        print(f"\nfineweb.py: interrupted: no shards were written to {args.out}", file=sys.stderr, flush=True)
+        os._exit(130)  # not sys.exit: multiprocessing's exit handler would join the interrupted pool's threads
     print(f"wrote {len(written)} shards to {args.out}: {written[0].name} ... {written[-1].name}")
 
 

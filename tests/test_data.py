@@ -314,10 +314,23 @@ def test_an_interrupted_run_leaves_no_partial_folder_and_prints_one_line(tmp_pat
         else:
             process.send_signal(sig)
         time.sleep(0.5)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:  # a run that hangs is not left behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.rstrip().splitlines()[-1] == f"fineweb.py: interrupted: no shards were written to {tmp_path}/o"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+    time.sleep(0.5)  # its tokenisers die with it (forked: their command line is the run's)
+    assert not [pid for pid in Path("/proc").glob("[0-9]*") if f"{tmp_path}/o".encode() in _cmdline(pid)]
+
+
+def _cmdline(pid):
+    try:
+        return (pid / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def test_workers_below_one_is_an_error_naming_the_flag(tmp_path, capsys):
